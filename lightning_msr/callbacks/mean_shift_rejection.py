@@ -1,0 +1,450 @@
+"""Mean Shift Rejection as a Lightning callback.
+
+Ruff, Beck, Bach, "Training Deep Neural Networks Without Minibatch Statistics or Normalization"
+(arXiv:1911.13173): zero-mean initialisation of every conv kernel with unit filter magnitude, and a mean
+projection of the conv-weight gradients before every optimizer step, keep the network on the zero-mean
+"isocline" where the spatial common-mode of each input cannot shift its outputs -- without BatchNorm.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
+
+from lightning_msr._checks import _check_bool, _check_choice, _check_in_range, _check_names, _check_positive
+from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
+from lightning_msr.functional import (
+    KernelWeight,
+    _Groups,
+    _groups,
+    _project_one_,
+    eligible_weights,
+    mean_shift,
+    project_mean_,
+    zero_mean_init_,
+)
+
+_INITS = ("zero_mean", "center", "none")
+_BATCHNORM = ("error", "warn", "replace")
+_TIMINGS = ("auto", "backward", "optimizer_step")
+_MODES = ("kernel", "filter")
+# Optimizers whose update is linear in the gradient (given their buffers): a zero-mean gradient gives a
+# zero-mean update, so the weights stay on the isocline with no re-centring.
+_LINEAR_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD, torch.optim.ASGD)
+_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+# A model whose kernels are all this close to zero mean is taken to be initialised (or trained) with MSR.
+_ALREADY_CENTRED = 1e-4
+# Set on a model once it has been initialised, so that no second fit (or second callback) redraws it.
+_INIT_FLAG = "_lightning_msr_initialized"
+
+
+def _unsupported_strategy(strategy: Any) -> Optional[str]:
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    for name, why in (
+        ("FSDPStrategy", "it flattens and shards parameters, so kernels are not whole on any rank"),
+        ("DeepSpeedStrategy", "it flattens and partitions parameters and gradients"),
+        ("ModelParallelStrategy", "it shards parameters as DTensors"),
+    ):
+        if name in names:
+            return f"{type(strategy).__name__} is not supported: {why}. Use 'ddp', 'ddp_msr' or a single device."
+    return None
+
+
+def _plain_weight(module: nn.Module) -> bool:
+    weight = module._parameters.get("weight")
+    return isinstance(weight, nn.Parameter) and not isinstance(weight, nn.parameter.UninitializedParameter)
+
+
+class MeanShiftRejection(Callback):
+    r"""Train conv nets without BatchNorm: zero-mean kernels and mean-free gradients (Mean Shift Rejection).
+
+    Added to a :class:`~lightning.pytorch.Trainer`, this callback changes nothing in the LightningModule:
+
+    * at ``setup("fit")`` -- before checkpoint weights are restored, before ``configure_optimizers`` and
+      before DDP broadcasts rank 0's weights -- it initialises every conv kernel to zero mean with filter
+      norm ``init_magnitude`` (``init="zero_mean"``), or centres the existing, e.g. pretrained, kernels
+      (``init="center"``). A model is never initialised twice, and a fit resumed from a checkpoint keeps the
+      checkpoint's weights;
+    * for every optimizer step it subtracts ``alpha`` times the kernel-wise mean from the conv-weight
+      gradients (``g <- g - alpha * mean(g)``, an exact projection for ``alpha = 1``), so SGD with momentum,
+      Nesterov and weight decay keeps the kernels on the zero-mean isocline;
+    * after the step of an optimizer whose update is not linear in the gradient (Adam, AdamW, RMSprop,
+      Adagrad, ...) it re-centres the updated kernels, which SGD does not need;
+    * it logs ``msr/mean_shift``, the worst layer's :func:`~lightning_msr.functional.mean_shift`, at the
+      Trainer's logging interval.
+
+    The projection is linear, so where it is exact to do so (``alpha == 1``) it runs during backward, in a
+    post-accumulate-grad hook of every kernel while its gradient is still in cache: before DDP's all-reduce
+    and between accumulation micro-steps, which gives the same gradients as projecting afterwards. With
+    ``alpha < 1`` it runs in ``on_before_optimizer_step`` (after the all-reduce, after AMP unscaling, after
+    the last accumulation micro-step and before the Trainer's gradient clipping).
+
+    Args:
+        alpha: fraction of the kernel mean removed from each gradient, in ``[0, 1]``; ``1`` keeps the kernels
+            exactly zero-mean, smaller values are the paper's weighted mean subtraction.
+        init: ``"zero_mean"`` draws new zero-mean kernels; ``"center"`` subtracts the kernel mean from the
+            existing weights (for pretrained models); ``"none"`` leaves the weights as they are.
+        init_magnitude: Euclidean norm of every output filter after ``init="zero_mean"`` (> 0).
+        include_linear: also centre ``nn.Linear`` weights (over their inputs). Off by default, as in the paper.
+        batchnorm: what to do when the model contains BatchNorm: ``"warn"`` once, ``"error"``, or
+            ``"replace"`` it by a per-channel scale and bias (:func:`lightning_msr.replace_batchnorm`).
+        mode: ``"kernel"`` (the paper's per-kernel mean) or ``"filter"`` (mean over each whole output filter,
+            i.e. Gradient Centralization).
+        recenter: re-centre the kernels after each optimizer step. ``None`` (default) does it for optimizers
+            whose update is not linear in the gradient, and when gradients are clipped by value, if
+            ``alpha == 1``; ``True``/``False`` force it on or off for every optimizer.
+        projection_timing: ``"auto"``, ``"backward"`` (project in each kernel's post-accumulate-grad hook;
+            exact for ``alpha == 1`` only) or ``"optimizer_step"`` (project in ``on_before_optimizer_step``).
+        exclude: module-name patterns (``fnmatch`` syntax, e.g. ``["stem.*", "head"]``) left untouched.
+        strict: raise instead of warning when the model has no conv layer to act on.
+        seed: seed of the initialisation draw; ``None`` uses ``torch.initial_seed()``, so ``seed_everything``
+            makes it reproducible. The draw never advances the global RNG.
+
+    Raises:
+        MSRConfigurationError: for an argument out of range (at construction), and at ``setup`` for BatchNorm
+            with ``batchnorm="error"``, for sharded strategies (FSDP, DeepSpeed), or for a model without
+            conv layers when ``strict=True``.
+
+    Example::
+
+        >>> import lightning as L
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_msr import MeanShiftRejection
+        >>> from lightning_msr.functional import mean_shift
+        >>> class Net(L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 2))
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return nn.functional.cross_entropy(self.net(x), y)
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(16, 1, 8, 8), torch.randint(0, 2, (16,)))
+        >>> model = Net()
+        >>> trainer = L.Trainer(max_steps=3, callbacks=[MeanShiftRejection()], logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False,
+        ...                     enable_model_summary=False)
+        >>> trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4))
+        >>> bool(mean_shift(model.net[0].weight) < 1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        init: Literal["zero_mean", "center", "none"] = "zero_mean",
+        init_magnitude: float = 1.0,
+        include_linear: bool = False,
+        batchnorm: Literal["error", "warn", "replace"] = "warn",
+        mode: Literal["kernel", "filter"] = "kernel",
+        recenter: Optional[bool] = None,
+        projection_timing: Literal["auto", "backward", "optimizer_step"] = "auto",
+        exclude: Optional[list[str]] = None,
+        strict: bool = False,
+        seed: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        self._alpha = _check_in_range("alpha", alpha, 0.0, 1.0)
+        self._init = _check_choice("init", init, _INITS)
+        self._init_magnitude = _check_positive("init_magnitude", init_magnitude)
+        self._include_linear = _check_bool("include_linear", include_linear)
+        self._batchnorm = _check_choice("batchnorm", batchnorm, _BATCHNORM)
+        self._mode = _check_choice("mode", mode, _MODES)
+        self._recenter = _check_bool("recenter", recenter, allow_none=True)
+        self._timing = _check_choice("projection_timing", projection_timing, _TIMINGS)
+        if self._timing == "backward" and self._alpha != 1.0:
+            raise MSRConfigurationError(
+                f"Expected `projection_timing` to be 'auto' or 'optimizer_step' when `alpha` < 1, but got "
+                f"'backward' with alpha={alpha!r}: a weighted mean subtraction is not idempotent, so it must run "
+                "once per optimizer step, not once per backward pass."
+            )
+        self._exclude = _check_names("exclude", exclude)
+        self._strict = _check_bool("strict", strict)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise MSRConfigurationError(f"Expected `seed` to be an int or None, but got {seed!r}.")
+        self._seed = seed
+
+        # model-dependent state, filled at setup
+        self._weights: Optional[list[KernelWeight]] = None
+        self._layouts: dict[int, tuple[nn.Parameter, _Groups, str]] = {}
+        self._grad_handles: dict[int, RemovableHandle] = {}
+        self._step_handles: list[RemovableHandle] = []
+        self._recenter_optimizers: set[int] = set()
+        self._project_in_backward = False
+        self._model_ref: Optional[weakref.ReferenceType] = None
+        self._initialized = False
+        self._replaced: dict[str, nn.Module] = {}
+
+    # ------------------------------------------------------------------ public read-only views
+    @property
+    def alpha(self) -> float:
+        """Fraction of the kernel mean removed from each gradient."""
+        return self._alpha
+
+    @property
+    def weights(self) -> list[KernelWeight]:
+        """The weights acted on (empty before ``setup``)."""
+        return list(self._weights or [])
+
+    @property
+    def projects_in_backward(self) -> bool:
+        """Whether the current fit projects gradients during backward (see ``projection_timing``)."""
+        return self._project_in_backward
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(alpha=self._alpha, mode=self._mode, include_linear=self._include_linear)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(alpha={self._alpha}, init={self._init!r}, "
+            f"init_magnitude={self._init_magnitude}, include_linear={self._include_linear}, "
+            f"batchnorm={self._batchnorm!r}, mode={self._mode!r}, recenter={self._recenter}, "
+            f"projection_timing={self._timing!r})"
+        )
+
+    # ------------------------------------------------------------------ setup: surgery and initialisation
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return  # validate/test/predict never touch the weights
+        reason = _unsupported_strategy(trainer.strategy)
+        if reason:
+            raise MSRConfigurationError(f"MeanShiftRejection: {reason}")
+        self._handle_batchnorm(pl_module)
+        self._collect(pl_module)
+        self._initialize(trainer, pl_module)
+
+    def _handle_batchnorm(self, pl_module: nn.Module) -> None:
+        names = [name for name, m in pl_module.named_modules() if isinstance(m, _BATCHNORM_TYPES)]
+        if not names:
+            return
+        shown = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+        if self._batchnorm == "error":
+            raise MSRConfigurationError(
+                f"MeanShiftRejection(batchnorm='error'): the model still contains {len(names)} BatchNorm "
+                f"layer(s) ({shown}). MSR replaces minibatch statistics; use `batchnorm='replace'` to swap them "
+                "for a per-channel scale and bias, add `lightning_msr.DeepControl()`, or remove them."
+            )
+        if self._batchnorm == "warn":
+            rank_zero_warn(
+                f"The model still contains {len(names)} BatchNorm layer(s) ({shown}); they keep using minibatch "
+                "statistics. Pass `MeanShiftRejection(batchnorm='replace')` (or add `DeepControl()`) to replace "
+                "them, or `batchnorm='error'` to refuse such models.",
+                category=MSRWarning,
+            )
+            return
+        from lightning_msr.surgery import replace_batchnorm
+
+        self._replaced = dict(replace_batchnorm(pl_module, "affine"))
+
+    def _collect(self, pl_module: nn.Module) -> None:
+        weights = eligible_weights(pl_module, include_linear=self._include_linear, exclude=self._exclude)
+        skipped = [w.name for w in weights if not _groups(w.parameter.shape, self._mode, w.transposed, w.groups)]
+        weights = [w for w in weights if w.name not in skipped]
+        if skipped:
+            rank_zero_warn(
+                f"MeanShiftRejection leaves {len(skipped)} weight(s) alone whose kernel groups have a single "
+                f"element and cannot be centred (e.g. pointwise depthwise convs): {skipped[:5]}",
+                category=MSRWarning,
+            )
+        unusable = [
+            name
+            for name, m in pl_module.named_modules()
+            if isinstance(m, nn.modules.conv._ConvNd) and not _plain_weight(m)
+        ]
+        if unusable:
+            rank_zero_warn(
+                f"MeanShiftRejection cannot act on {len(unusable)} conv layer(s) whose `weight` is not a plain, "
+                f"materialised parameter (lazy modules, parametrizations, weight_norm): {unusable[:5]}",
+                category=MSRWarning,
+            )
+        if not weights:
+            message = (
+                "MeanShiftRejection found no conv layer to act on in the model"
+                + (f" outside `exclude`={list(self._exclude)}" if self._exclude else "")
+                + ". It needs nn.Conv1d/2d/3d or nn.ConvTranspose1d/2d/3d layers "
+                "(or `include_linear=True` for nn.Linear)."
+            )
+            if self._strict:
+                raise MSRConfigurationError(message + " (raised because `strict=True`)")
+            rank_zero_warn(message, category=MSRWarning)
+        self._weights = weights
+        self._layouts = {
+            id(w.parameter): (w.parameter, _groups(w.parameter.shape, self._mode, w.transposed, w.groups), w.name)
+            for w in weights
+        }
+        self._model_ref = weakref.ref(pl_module)
+
+    def _initialize(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+        weights = self._weights or []
+        if self._init == "none" or not weights:
+            return
+        if getattr(pl_module, _INIT_FLAG, False):
+            return  # never re-initialise a model (second fit, second callback)
+        if trainer.ckpt_path is not None:
+            rank_zero_info(
+                f"MeanShiftRejection: resuming from {trainer.ckpt_path!r}; the checkpoint's weights are kept."
+            )
+            object.__setattr__(pl_module, _INIT_FLAG, True)
+            self._initialized = True
+            return
+        kwargs = [{"mode": self._mode, **w.layout_kwargs()} for w in weights]
+        if self._init == "zero_mean":
+            worst = max(float(mean_shift(w.parameter, **kw)) for w, kw in zip(weights, kwargs))
+            if worst < _ALREADY_CENTRED:
+                rank_zero_info(
+                    "MeanShiftRejection: every kernel is already zero-mean (trained or initialised with MSR); "
+                    "keeping the weights instead of drawing new ones."
+                )
+            else:
+                seed = self._seed if self._seed is not None else torch.initial_seed()
+                generator = torch.Generator(device="cpu").manual_seed(seed % (2**63))
+                for w, kw in zip(weights, kwargs):
+                    zero_mean_init_(w.parameter, self._init_magnitude, generator, **kw)
+                rank_zero_info(
+                    f"MeanShiftRejection: zero-mean initialised {len(weights)} weight(s) with filter norm "
+                    f"{self._init_magnitude:g}."
+                )
+        else:
+            for w, kw in zip(weights, kwargs):
+                project_mean_(w.parameter.data, 1.0, **kw)
+            rank_zero_info(f"MeanShiftRejection: centred the kernels of {len(weights)} existing weight(s).")
+        object.__setattr__(pl_module, _INIT_FLAG, True)
+        self._initialized = True
+
+    # ------------------------------------------------------------------ fit: hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        if self._weights is None:  # fit without setup (should not happen), be safe
+            self._collect(pl_module)
+        clip_by_value = bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm == "value"
+        if clip_by_value:
+            rank_zero_warn(
+                "Gradient clipping by value (`gradient_clip_algorithm='value'`) clips each element on its own, "
+                "which breaks the zero-mean condition of the projected gradients; MeanShiftRejection re-centres "
+                "the kernels after every step to restore it. Prefer `gradient_clip_algorithm='norm'`, which "
+                "keeps the projection.",
+                category=MSRWarning,
+            )
+        self._project_in_backward = self._choose_backward(trainer)
+        self._recenter_optimizers = set()
+        for optimizer in trainer.optimizers:
+            if self._needs_recentering(optimizer, clip_by_value):
+                self._recenter_optimizers.add(id(optimizer))
+                self._step_handles.append(optimizer.register_step_post_hook(self._recenter_after_step))
+        if self._project_in_backward:
+            self._register_grad_hooks()
+
+    def _choose_backward(self, trainer: pl.Trainer) -> bool:
+        if self._timing == "optimizer_step" or self._alpha != 1.0:
+            return False
+        if self._timing == "backward":
+            return True
+        # A DDP communication hook may compress gradients (PowerSGD), which is not linear: project after it.
+        return getattr(trainer.strategy, "_ddp_comm_hook", None) is None
+
+    def _needs_recentering(self, optimizer: torch.optim.Optimizer, clip_by_value: bool) -> bool:
+        if self._recenter is not None:
+            return self._recenter
+        if self._alpha != 1.0:
+            return False
+        return clip_by_value or not isinstance(optimizer, _LINEAR_OPTIMIZERS)
+
+    def _register_grad_hooks(self) -> None:
+        for key, (param, layout, _) in self._layouts.items():
+            if key in self._grad_handles or not param.requires_grad:
+                continue  # frozen now: picked up in on_train_batch_start once unfrozen
+
+            def hook(p: Tensor, layout: _Groups = layout) -> None:
+                if p.grad is not None:
+                    with torch.no_grad():
+                        _project_one_(p.grad, layout, 1.0)
+
+            self._grad_handles[key] = param.register_post_accumulate_grad_hook(hook)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # parameters unfrozen since the last batch (e.g. by BackboneFinetuning) come under projection
+        if self._project_in_backward and len(self._grad_handles) < len(self._layouts):
+            self._register_grad_hooks()
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._project_in_backward or self._alpha == 0.0:
+            return
+        with torch.no_grad():
+            for param, layout in self._params_of(optimizer):
+                if param.grad is not None:
+                    _project_one_(param.grad, layout, self._alpha)
+
+    def _params_of(self, optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, _Groups]]:
+        found = []
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                entry = self._layouts.get(id(param))
+                if entry is not None:
+                    found.append((param, entry[1]))
+        return found
+
+    def _recenter_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        with torch.no_grad():
+            for param, layout in self._params_of(optimizer):
+                if param.grad is not None:  # only what this step updated; frozen kernels are left alone
+                    _project_one_(param.data, layout, 1.0)
+
+    # ------------------------------------------------------------------ logging
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._layouts:
+            return
+        connector = getattr(trainer, "_logger_connector", None)
+        if connector is not None and not connector.should_update_logs:
+            return  # computed on logging steps only
+        pl_module.log("msr/mean_shift", self.current_mean_shift(), on_step=True, on_epoch=False)
+
+    def current_mean_shift(self) -> Tensor:
+        """The largest :func:`~lightning_msr.functional.mean_shift` over the weights acted on (0 if none)."""
+        shifts = [mean_shift(w.parameter, mode=self._mode, **w.layout_kwargs()) for w in self._weights or []]
+        return torch.stack(shifts).max() if shifts else torch.zeros(())
+
+    # ------------------------------------------------------------------ teardown and checkpoints
+    def _remove_hooks(self) -> None:
+        for handle in list(self._grad_handles.values()) + self._step_handles:
+            handle.remove()
+        self._grad_handles = {}
+        self._step_handles = []
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_hooks()
+        self._project_in_backward = False
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"initialized": self._initialized, "alpha": self._alpha, "mode": self._mode}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._initialized = bool(state_dict.get("initialized", self._initialized))
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is not None and self._initialized:
+            object.__setattr__(model, _INIT_FLAG, True)

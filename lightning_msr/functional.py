@@ -1,0 +1,387 @@
+"""Pure tensor functions of Mean Shift Rejection, usable in any PyTorch training loop.
+
+Mean Shift Rejection (Ruff, Beck, Bach, "Training Deep Neural Networks Without Minibatch Statistics or
+Normalization", arXiv:1911.13173) keeps every convolution kernel on the zero-mean "isocline": a kernel
+whose weights sum to zero does not pass the spatial *common-mode* (the mean shift) of its input on to
+its output. Three operations make that happen:
+
+* :func:`zero_mean_init_` -- zero-mean initialisation with unit filter magnitude;
+* :func:`project_mean_` -- subtract the (``alpha``-weighted) kernel-wise mean from a gradient (or a
+  weight), an orthogonal projection onto the zero-mean subspace when ``alpha == 1``;
+* :func:`mean_shift` -- how far a weight is from the isocline.
+
+Which elements share one mean (the *kernel group*) follows the shape of the weight, as
+``(out, in / groups, *kernel)`` for ``nn.ConvNd`` and ``(in, out / groups, *kernel)`` for
+``nn.ConvTransposeNd``:
+
+* spatial kernels (``prod(kernel) > 1``): the spatial dims ``2..`` of each ``(o, i)`` slice;
+* pointwise kernels (``prod(kernel) == 1``): the input channels of each output filter (dim ``1``, or for
+  a transposed conv the input channels of its group, dim ``0``); a group of a single element cannot be
+  centred and is skipped;
+* 2-D (``nn.Linear``) weights: the inputs of each row (dim ``1``);
+* ``mode="filter"``: all of dims ``1..`` of each output filter -- this is Gradient Centralization
+  (Yong et al. 2020) and is offered as a cross-check.
+
+Example::
+
+    >>> import torch
+    >>> from lightning_msr.functional import mean_shift, project_mean_, zero_mean_init_
+    >>> weight = torch.empty(8, 3, 3, 3)
+    >>> _ = zero_mean_init_(weight, generator=torch.Generator().manual_seed(0))
+    >>> bool(mean_shift(weight) < 1e-6)
+    True
+    >>> grad = torch.randn(8, 3, 3, 3)
+    >>> _ = project_mean_(grad)
+    >>> bool(grad.mean(dim=(2, 3)).abs().max() < 1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Literal, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_msr._checks import _check_bool, _check_choice, _check_in_range, _check_names, _check_positive
+from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
+
+__all__ = [
+    "KernelWeight",
+    "eligible_weights",
+    "mean_shift",
+    "project_mean_",
+    "zero_mean_init_",
+]
+
+Mode = Literal["kernel", "filter"]
+_MODES = ("kernel", "filter")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class _Groups(NamedTuple):
+    """A weight seen as ``(outer, group, inner)``: every ``[a, :, b]`` fibre is one kernel group."""
+
+    outer: int
+    size: int
+    inner: int
+
+
+def _groups(
+    shape: Sequence[int], mode: str = "kernel", transposed: bool = False, groups: int = 1
+) -> Optional[_Groups]:
+    """The kernel-group layout of a weight of ``shape``, or ``None`` if its groups cannot be centred."""
+    if len(shape) < 2:
+        raise MSRConfigurationError(
+            f"Expected a weight with at least 2 dims (Linear: (out, in); ConvNd: (out, in / groups, *kernel)), "
+            f"but got shape {tuple(shape)}. Biases and norm parameters are never centred."
+        )
+    if mode == "filter":
+        layout = _Groups(shape[0], math.prod(shape[1:]), 1)
+    elif len(shape) == 2:
+        layout = _Groups(shape[0], shape[1], 1)
+    else:
+        spatial = math.prod(shape[2:])
+        if spatial > 1:
+            layout = _Groups(shape[0] * shape[1], spatial, 1)
+        elif not transposed:
+            layout = _Groups(shape[0], shape[1], 1)
+        else:
+            if groups < 1 or shape[0] % groups:
+                raise MSRConfigurationError(
+                    f"Expected `groups` to divide the weight's first dim {shape[0]}, but got {groups}."
+                )
+            layout = _Groups(groups, shape[0] // groups, shape[1])
+    return layout if layout.size > 1 else None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, MSRWarning, stacklevel=3)
+
+
+def _grouped_view(tensor: Tensor, layout: _Groups) -> Optional[Tensor]:
+    try:
+        return tensor.view(layout)
+    except RuntimeError:  # e.g. channels_last weights: no (out*in, k) view exists
+        return None
+
+
+def _subtract_group_mean_(view: Tensor, alpha: float) -> None:
+    """``view[a, :, b] -= alpha * mean(view[a, :, b])`` in place; the mean is accumulated in float32 or wider."""
+    if view.dtype in _LOW_PRECISION:
+        mean = view.mean(dim=1, keepdim=True, dtype=torch.float32)
+    else:
+        mean = view.mean(dim=1, keepdim=True)
+    if alpha != 1.0:
+        mean.mul_(alpha)
+    view.sub_(mean.to(view.dtype))
+
+
+def _project_one_(tensor: Tensor, layout: _Groups, alpha: float) -> None:
+    view = _grouped_view(tensor, layout)
+    if view is not None:
+        _subtract_group_mean_(view, alpha)
+        return
+    work = tensor.reshape(layout)  # a copy, in the logical (contiguous) order
+    _subtract_group_mean_(work, alpha)
+    tensor.copy_(work.view(tensor.shape))
+
+
+def project_mean_(
+    tensors: Union[Tensor, Iterable[Tensor]],
+    alpha: float = 1.0,
+    *,
+    mode: Mode = "kernel",
+    transposed: bool = False,
+    groups: int = 1,
+) -> Union[Tensor, list[Tensor]]:
+    r"""Subtract ``alpha`` times the kernel-group mean from each tensor, in place.
+
+    For a gradient ``g`` this is the paper's weighted mean subtraction ``g <- g - alpha * mean(g)``.
+    With ``alpha = 1`` it is the orthogonal projection onto the zero-mean subspace: idempotent, and the
+    removed part is orthogonal to what remains. Because it is linear, projecting before or after a sum
+    (a DDP all-reduce, gradient accumulation, gradient scaling) gives the same result.
+
+    Tensors whose groups have a single element (e.g. the ``(C, 1, 1, 1)`` weight of a pointwise depthwise
+    conv) cannot be centred and are left unchanged with a one-time warning. Low-precision tensors
+    (``float16``/``bfloat16``) have their means accumulated in ``float32``.
+
+    Args:
+        tensors: one tensor or an iterable of tensors shaped like conv (or Linear) weights.
+        alpha: fraction of the mean to remove, in ``[0, 1]``.
+        mode: ``"kernel"`` (the paper's per-kernel mean, see the module docstring) or ``"filter"`` (mean
+            over each whole output filter, i.e. Gradient Centralization).
+        transposed: the tensors belong to a ``ConvTransposeNd`` (matters for pointwise kernels only).
+        groups: the conv's ``groups`` (matters for transposed pointwise kernels only).
+
+    Returns:
+        The tensor, or the list of tensors, that was modified in place.
+
+    Raises:
+        MSRConfigurationError: if ``alpha`` or ``mode`` is out of range, or a tensor has fewer than 2 dims.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_msr.functional import project_mean_
+        >>> g = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]]]])
+        >>> project_mean_(g)
+        tensor([[[[-2., -1.],
+                  [ 0.,  3.]]]])
+        >>> project_mean_(torch.tensor([[[[1.0, 2.0], [3.0, 6.0]]]]), alpha=0.5)
+        tensor([[[[-0.5000,  0.5000],
+                  [ 1.5000,  4.5000]]]])
+    """
+    alpha = _check_in_range("alpha", alpha, 0.0, 1.0)
+    _check_choice("mode", mode, _MODES)
+    single = isinstance(tensors, Tensor)
+    items = [tensors] if single else list(tensors)
+    for tensor in items:
+        if not isinstance(tensor, Tensor):
+            raise MSRConfigurationError(f"Expected `tensors` to hold tensors, but got {type(tensor).__name__}.")
+        layout = _groups(tensor.shape, mode, transposed, groups)
+        if layout is None:
+            _warn_once(
+                f"A tensor of shape {tuple(tensor.shape)} has kernel groups of a single element and cannot be "
+                "centred; it is left unchanged."
+            )
+            continue
+        if alpha == 0.0:
+            continue
+        with torch.no_grad():
+            _project_one_(tensor, layout, alpha)
+    return items[0] if single else items
+
+
+def mean_shift(
+    weight: Tensor, *, mode: Mode = "kernel", transposed: bool = False, groups: int = 1
+) -> Tensor:
+    """How far ``weight`` is from the zero-mean isocline: the largest |kernel-group mean| over the weight's RMS.
+
+    ``0`` means every kernel is exactly zero-mean; a freshly built ``nn.Conv2d`` gives about ``0.2``-``0.6``.
+    The value is a float32 scalar tensor on the weight's device (``0`` for an all-zero weight or one whose
+    groups cannot be centred).
+
+    Args:
+        weight: a conv (or Linear) weight.
+        mode: ``"kernel"`` or ``"filter"``, as in :func:`project_mean_`.
+        transposed: ``weight`` belongs to a ``ConvTransposeNd``.
+        groups: the conv's ``groups``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_msr.functional import mean_shift
+        >>> w = torch.ones(4, 2, 3, 3)
+        >>> float(mean_shift(w))
+        1.0
+        >>> float(mean_shift(w - 1.0))
+        0.0
+    """
+    _check_choice("mode", mode, _MODES)
+    layout = _groups(weight.shape, mode, transposed, groups)
+    with torch.no_grad():
+        w = weight.detach().float()
+        if layout is None:
+            return w.new_zeros(())
+        rms = w.square().mean().sqrt()
+        means = w.reshape(layout).mean(dim=1).abs().max()
+        return torch.where(rms > 0, means / torch.clamp(rms, min=torch.finfo(torch.float32).tiny), 0.0)
+
+
+def _filter_norms(w: Tensor, mode: str, transposed: bool, groups: int) -> Tensor:
+    """Euclidean norm of every output filter, broadcastable against ``w``."""
+    if transposed and mode == "kernel" and w.dim() > 2:
+        # ConvTranspose weight (in, out/g, *k): output channel j of group c reads w[c*in/g:(c+1)*in/g, j].
+        view = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1)
+        norms = view.square().sum(dim=(1, 3), keepdim=True).sqrt()
+        return norms.expand_as(view).reshape(w.shape)
+    return w.flatten(1).norm(dim=1).view(-1, *([1] * (w.dim() - 1)))
+
+
+def zero_mean_init_(
+    weight: Tensor,
+    magnitude: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    *,
+    mode: Mode = "kernel",
+    transposed: bool = False,
+    groups: int = 1,
+) -> Tensor:
+    """Zero-mean initialisation (ZMI) in place: draw ``U(-1, 1)``, centre every kernel group, scale every filter.
+
+    As in the authors' code, the weight is drawn uniformly in ``[-1, 1]``, each kernel group is centred
+    (see the module docstring), and each output filter is rescaled to Euclidean norm ``magnitude``
+    ("overall unity kernel magnitude" for the default ``1.0``). The draw uses ``generator`` when given, and
+    then leaves the global RNG untouched; otherwise it draws from PyTorch's default generator.
+
+    A weight whose groups have a single element cannot be centred; it is left unchanged with a warning.
+
+    Args:
+        weight: a conv (or Linear) weight, changed in place.
+        magnitude: the Euclidean norm of every output filter after initialisation (> 0).
+        generator: the random generator to draw from (on the weight's device or the CPU).
+        mode: ``"kernel"`` or ``"filter"``, as in :func:`project_mean_`.
+        transposed: ``weight`` belongs to a ``ConvTransposeNd``.
+        groups: the conv's ``groups``.
+
+    Returns:
+        ``weight``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_msr.functional import zero_mean_init_
+        >>> w = zero_mean_init_(torch.empty(16, 8, 3, 3), generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(w.flatten(1).norm(dim=1), torch.ones(16))
+        True
+        >>> bool(w.mean(dim=(2, 3)).abs().max() < 1e-6)
+        True
+    """
+    magnitude = _check_positive("magnitude", magnitude)
+    _check_choice("mode", mode, _MODES)
+    layout = _groups(weight.shape, mode, transposed, groups)
+    if layout is None:
+        _warn_once(
+            f"A weight of shape {tuple(weight.shape)} has kernel groups of a single element and cannot be "
+            "zero-mean initialised; it is left unchanged."
+        )
+        return weight
+    with torch.no_grad():
+        draw_device = generator.device if generator is not None else weight.device
+        fresh = torch.rand(weight.shape, generator=generator, device=draw_device, dtype=torch.float64)
+        fresh = fresh.mul_(2.0).sub_(1.0).to(weight.device)
+        _project_one_(fresh, layout, 1.0)
+        norms = _filter_norms(fresh, mode, transposed, groups)
+        fresh.mul_(magnitude / norms.clamp(min=1e-12))
+        weight.copy_(fresh)
+    return weight
+
+
+@dataclass(frozen=True)
+class KernelWeight:
+    """One weight that Mean Shift Rejection acts on, with what is needed to find its kernel groups.
+
+    Attributes:
+        name: the parameter's qualified name in the model, e.g. ``"layer1.0.conv1.weight"``.
+        module: the module owning the parameter.
+        parameter: the weight itself.
+        transposed: the module is a ``ConvTransposeNd``.
+        groups: the module's ``groups`` (1 for Linear).
+        centrable: ``False`` when its kernel groups have a single element (never projected).
+    """
+
+    name: str
+    module: nn.Module
+    parameter: nn.Parameter
+    transposed: bool
+    groups: int
+    centrable: bool
+
+    def layout_kwargs(self) -> dict:
+        """``transposed`` and ``groups`` as keyword arguments of the functions in this module."""
+        return {"transposed": self.transposed, "groups": self.groups}
+
+
+def eligible_weights(
+    model: nn.Module,
+    *,
+    include_linear: bool = False,
+    exclude: Optional[Sequence[str]] = None,
+) -> list[KernelWeight]:
+    """The weights Mean Shift Rejection acts on: every conv weight (and optionally every Linear weight).
+
+    Convolutions are the subclasses of ``torch.nn.modules.conv._ConvNd`` (``Conv1d/2d/3d``,
+    ``ConvTranspose1d/2d/3d`` and user subclasses such as timm's ``StdConv2d``). Biases, norms and
+    embeddings are never included. Lazy modules that have not been materialised yet, and weights under
+    ``torch.nn.utils.parametrize``, are left out (the caller decides whether to warn). A parameter shared by
+    several modules is listed once.
+
+    Args:
+        model: the model to search.
+        include_linear: also return ``nn.Linear`` weights (centred over their inputs).
+        exclude: module-name patterns (``fnmatch`` syntax, e.g. ``"stem.*"``) whose weights are left out.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from lightning_msr.functional import eligible_weights
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+        >>> [w.name for w in eligible_weights(net)]
+        ['0.weight']
+        >>> [w.name for w in eligible_weights(net, include_linear=True)]
+        ['0.weight', '3.weight']
+    """
+    _check_bool("include_linear", include_linear)
+    patterns = _check_names("exclude", exclude)
+    found: list[KernelWeight] = []
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        if patterns and any(fnmatchcase(module_name, p) for p in patterns):
+            continue
+        is_conv = isinstance(module, nn.modules.conv._ConvNd)
+        is_linear = include_linear and isinstance(module, nn.Linear)
+        if not (is_conv or is_linear):
+            continue
+        weight = module._parameters.get("weight")
+        if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):
+            continue
+        if id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        transposed = bool(is_conv and getattr(module, "transposed", False))
+        groups = int(getattr(module, "groups", 1)) if is_conv else 1
+        layout = _groups(weight.shape, "kernel", transposed, groups)
+        name = f"{module_name}.weight" if module_name else "weight"
+        found.append(KernelWeight(name, module, weight, transposed, groups, layout is not None))
+    return found
