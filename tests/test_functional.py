@@ -1,0 +1,246 @@
+"""Math properties of lightning_msr.functional (projection, zero-mean init, mean shift, group rule)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
+from lightning_msr.functional import eligible_weights, mean_shift, project_mean_, zero_mean_init_
+
+
+def reference_group_mean(weight: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
+    """Independent reference of DESIGN.md's group rule, written with explicit loops over the groups."""
+    w = weight.double()
+    out = torch.empty_like(w)
+    if w.dim() == 2:
+        for o in range(w.shape[0]):
+            out[o] = w[o].mean()
+        return out
+    if math.prod(w.shape[2:]) > 1:
+        for o in range(w.shape[0]):
+            for i in range(w.shape[1]):
+                out[o, i] = w[o, i].mean()
+        return out
+    if not transposed:
+        for o in range(w.shape[0]):
+            out[o] = w[o].mean()
+        return out
+    per = w.shape[0] // groups
+    for g in range(groups):
+        for j in range(w.shape[1]):
+            block = w[g * per : (g + 1) * per, j]
+            out[g * per : (g + 1) * per, j] = block.mean()
+    return out
+
+
+@st.composite
+def conv_weights(draw):
+    """Random conv-like weight shapes: 1d/2d/3d, grouped, depthwise, pointwise, transposed, Linear."""
+    kind = draw(st.sampled_from(["conv", "depthwise", "pointwise", "transposed", "transposed_pointwise", "linear"]))
+    dims = draw(st.integers(1, 3))
+    groups = draw(st.integers(1, 3))
+    per_in = draw(st.integers(1, 4))
+    per_out = draw(st.integers(1, 4))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    if kind == "linear":
+        shape, transposed, groups = (per_out * groups, draw(st.integers(2, 9))), False, 1
+    elif kind == "depthwise":
+        shape, transposed = (per_out * groups, 1, *kernel), False
+    elif kind == "pointwise":
+        shape, transposed = (per_out * groups, max(per_in, 2), *([1] * dims)), False
+    elif kind == "transposed":
+        shape, transposed = (per_in * groups, per_out, *kernel), True
+    elif kind == "transposed_pointwise":
+        shape, transposed = (max(per_in, 2) * groups, per_out, *([1] * dims)), True
+    else:
+        shape, transposed = (per_out * groups, per_in, *kernel), False
+    seed = draw(st.integers(0, 2**16))
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return weight, transposed, groups
+
+
+def _centrable(weight, transposed, groups):
+    if weight.dim() == 2:
+        return weight.shape[1] > 1
+    if math.prod(weight.shape[2:]) > 1:
+        return True
+    return (weight.shape[0] // groups if transposed else weight.shape[1]) > 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(conv_weights(), st.floats(0.0, 1.0))
+def test_projection_properties(case, alpha):
+    weight, transposed, groups = case
+    if not _centrable(weight, transposed, groups):
+        return
+    kw = {"transposed": transposed, "groups": groups}
+    g = weight.clone()
+    p = project_mean_(g.clone(), 1.0, **kw)
+    # removes the group means to float precision
+    assert reference_group_mean(p, **kw).abs().max() <= 1e-12 * max(1.0, float(g.abs().max()))
+    # matches the independent reference
+    torch.testing.assert_close(p, g - reference_group_mean(g, **kw))
+    # idempotent
+    torch.testing.assert_close(project_mean_(p.clone(), 1.0, **kw), p)
+    # orthogonal: <P g, g - P g> = 0
+    assert abs(float((p * (g - p)).sum())) <= 1e-9 * float(g.square().sum())
+    # alpha scales the removed part
+    pa = project_mean_(g.clone(), alpha, **kw)
+    torch.testing.assert_close(g - pa, alpha * (g - p))
+
+
+@settings(max_examples=100, deadline=None)
+@given(conv_weights(), st.floats(0.1, 5.0))
+def test_zero_mean_init_properties(case, magnitude):
+    weight, transposed, groups = case
+    if not _centrable(weight, transposed, groups):
+        return
+    kw = {"transposed": transposed, "groups": groups}
+    w = zero_mean_init_(torch.empty_like(weight), magnitude, torch.Generator().manual_seed(1), **kw)
+    assert reference_group_mean(w, **kw).abs().max() < 1e-12
+    if transposed and w.dim() > 2:
+        per = w.shape[0] // groups
+        norms = torch.stack(
+            [w[g * per : (g + 1) * per, j].norm() for g in range(groups) for j in range(w.shape[1])]
+        )
+    else:
+        norms = w.flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, magnitude))
+    assert float(mean_shift(w, **kw)) < 1e-6
+
+
+def test_zero_mean_init_is_uniform_draw_and_reproducible():
+    a = zero_mean_init_(torch.empty(64, 32, 3, 3), generator=torch.Generator().manual_seed(3))
+    b = zero_mean_init_(torch.empty(64, 32, 3, 3), generator=torch.Generator().manual_seed(3))
+    c = zero_mean_init_(torch.empty(64, 32, 3, 3), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    # a centred U(-1, 1) draw scaled to unit filter norm: entries of both signs, no filter dominated by one value
+    assert (a > 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+
+
+def test_zero_mean_init_leaves_global_rng_alone():
+    state = torch.get_rng_state()
+    zero_mean_init_(torch.empty(8, 4, 3, 3), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_zero_mean_init_keeps_dtype_and_works_in_low_precision():
+    w = zero_mean_init_(torch.empty(8, 4, 3, 3, dtype=torch.bfloat16), generator=torch.Generator().manual_seed(0))
+    assert w.dtype == torch.bfloat16
+    assert float(mean_shift(w)) < 1e-2  # bf16 rounding of the centred values
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_projection_uses_float32_mean(dtype):
+    g = (torch.randn(16, 8, 3, 3) + 3.0).to(dtype)
+    expected = g.float() - g.float().mean(dim=(2, 3), keepdim=True)
+    project_mean_(g)
+    assert g.dtype == dtype
+    torch.testing.assert_close(g.float(), expected, atol=2e-2, rtol=1e-2)
+    assert g.float().mean(dim=(2, 3)).abs().max() < 2e-2
+
+
+def test_filter_mode_equals_gradient_centralization():
+    """mode="filter" is Gradient Centralization (Yong et al. 2020): x - x.mean(dim=1..)."""
+    g = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    gc = g - g.mean(dim=(1, 2, 3), keepdim=True)  # pytorch_optimizer.centralize_gradient, written out
+    torch.testing.assert_close(project_mean_(g.clone(), mode="filter"), gc)
+    lin = torch.randn(4, 7, dtype=torch.float64)
+    torch.testing.assert_close(project_mean_(lin.clone(), mode="filter"), lin - lin.mean(dim=1, keepdim=True))
+
+
+def test_projection_of_channels_last_and_non_contiguous_tensors():
+    g = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    expected = g - g.mean(dim=(2, 3), keepdim=True)
+    project_mean_(g)
+    assert g.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(g, expected)
+    base = torch.randn(8, 8, 3, 3)
+    view = base[:, ::2]  # non-contiguous view: projected in place through the view
+    expected = view - view.mean(dim=(2, 3), keepdim=True)
+    project_mean_(view)
+    torch.testing.assert_close(base[:, ::2], expected)
+
+
+def test_projection_of_a_list_and_alpha_zero():
+    a, b = torch.randn(4, 2, 3), torch.randn(3, 3, 2, 2)
+    out = project_mean_([a, b])
+    assert isinstance(out, list) and out[0] is a and out[1] is b
+    assert a.mean(dim=2).abs().max() < 1e-6 and b.mean(dim=(2, 3)).abs().max() < 1e-6
+    c = torch.randn(4, 2, 3)
+    before = c.clone()
+    project_mean_(c, alpha=0.0)
+    assert torch.equal(c, before)
+
+
+def test_single_element_groups_are_skipped_with_a_warning():
+    w = torch.randn(8, 1, 1, 1)  # pointwise depthwise conv: every group has one element
+    before = w.clone()
+    with pytest.warns(MSRWarning, match="single element"):
+        project_mean_(w, alpha=1.0)
+    assert torch.equal(w, before)
+    assert float(mean_shift(w)) == 0.0
+
+
+def test_mean_shift_values():
+    w = torch.zeros(2, 1, 2, 2)
+    w[0, 0] = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # mean 1, rms over all 8 entries = sqrt(4/8)
+    assert float(mean_shift(w)) == pytest.approx(1 / math.sqrt(0.5))
+    assert float(mean_shift(torch.zeros(3, 2, 3, 3))) == 0.0
+    fresh = nn.Conv2d(16, 16, 3).weight
+    assert float(mean_shift(fresh)) > 0.1
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: project_mean_(torch.randn(2, 2, 3), alpha=1.5), r"Expected `alpha` to be in \[0, 1\], but got 1.5"),
+        (lambda: project_mean_(torch.randn(2, 2, 3), alpha="1"), r"Expected `alpha` to be a number"),
+        (lambda: project_mean_(torch.randn(2, 2, 3), mode="spatial"), r"Expected `mode` to be one of 'kernel', 'filter'"),
+        (lambda: project_mean_(torch.randn(5)), r"at least 2 dims"),
+        (lambda: project_mean_([torch.randn(2, 2), 3]), r"Expected `tensors` to hold tensors"),
+        (lambda: zero_mean_init_(torch.empty(2, 2, 3), magnitude=0.0), r"Expected `magnitude` to be a finite positive"),
+        (lambda: zero_mean_init_(torch.empty(2, 2, 3), magnitude=-1), r"positive number, but got -1"),
+        (lambda: mean_shift(torch.randn(2, 2, 3), mode="x"), r"Expected `mode` to be one of"),
+        (
+            lambda: project_mean_(torch.randn(5, 2, 1, 1), transposed=True, groups=2),
+            r"Expected `groups` to divide the weight's first dim 5, but got 2",
+        ),
+        (lambda: eligible_weights(nn.Conv2d(1, 1, 3), exclude=[3]), r"Expected `exclude` to be a list of module-name"),
+        (lambda: eligible_weights(nn.Conv2d(1, 1, 3), include_linear="yes"), r"Expected `include_linear` to be True"),
+    ],
+)
+def test_error_messages(call, match):
+    with pytest.raises(MSRConfigurationError, match=match):
+        call()
+
+
+def test_eligible_weights_finds_convs_transposed_and_shared_once():
+    conv = nn.Conv2d(4, 4, 3)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv1d(2, 4, 3)
+            self.body = nn.Sequential(conv, nn.ReLU(), conv)  # shared weight
+            self.up = nn.ConvTranspose2d(4, 6, 2, groups=2)
+            self.norm = nn.GroupNorm(2, 6)
+            self.head = nn.Linear(6, 3)
+            self.emb = nn.Embedding(5, 3)
+
+    net = Net()
+    found = eligible_weights(net)
+    assert [w.name for w in found] == ["stem.weight", "body.0.weight", "up.weight"]
+    up = found[-1]
+    assert up.transposed and up.groups == 2 and up.centrable
+    assert [w.name for w in eligible_weights(net, exclude=["body.*"])] == ["stem.weight", "up.weight"]
+    assert eligible_weights(net, include_linear=True)[-1].name == "head.weight"
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3))
+    assert eligible_weights(lazy) == []

@@ -1,0 +1,342 @@
+"""MeanShiftRejection in real Trainer.fit runs: init, projection, re-centring, logging, resume, errors."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from helpers import OPTIMIZERS, ConvNet, WeightRecorder, conv_weights, loader, trainer
+from lightning_msr import MeanShiftRejection, MSRConfigurationError, MSRWarning
+from lightning_msr.functional import eligible_weights, mean_shift
+
+
+def worst_mean_shift(model: nn.Module) -> float:
+    return max(float(mean_shift(w.parameter, **w.layout_kwargs())) for w in eligible_weights(model) if w.centrable)
+
+
+def param_hooks(model: nn.Module) -> int:
+    return sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_kernels_stay_on_the_isocline_with_every_optimizer(tmp_path, optimizer):
+    L.seed_everything(0)
+    model = ConvNet(optimizer)
+    trainer(tmp_path, max_epochs=3, callbacks=[MeanShiftRejection()]).fit(model, loader(64))
+    assert worst_mean_shift(model) < 1e-5
+    # the Linear head is not centred by default
+    assert float(mean_shift(model.head.weight)) > 1e-3
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_without_the_callback_kernels_leave_the_isocline(tmp_path, optimizer):
+    """The contrast that makes the test above meaningful: training alone does not keep kernels zero-mean."""
+    L.seed_everything(0)
+    model = ConvNet(optimizer)
+    trainer(tmp_path, max_epochs=3).fit(model, loader(64))
+    assert worst_mean_shift(model) > 1e-2
+
+
+def test_zero_mean_init_at_setup(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet()
+    recorder = WeightRecorder()
+    trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(init_magnitude=2.0), recorder]).fit(model, loader())
+    start = recorder.at_fit_start
+    for w in eligible_weights(model):
+        weight = start[w.name]
+        if not w.centrable:
+            continue
+        assert float(mean_shift(weight, **w.layout_kwargs())) < 1e-6
+        if not w.transposed:
+            torch.testing.assert_close(weight.flatten(1).norm(dim=1), torch.full((weight.shape[0],), 2.0))
+
+
+def test_init_is_reproducible_and_leaves_global_rng_alone(tmp_path):
+    weights, states = [], []
+    for _ in range(2):
+        L.seed_everything(7)
+        model = ConvNet()
+        recorder = WeightRecorder()
+        trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(), recorder]).fit(model, loader())
+        weights.append(recorder.at_fit_start["features.0.weight"])
+        states.append(torch.get_rng_state())
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+    # the global RNG is where it would be without the callback's draw
+    L.seed_everything(7)
+    model = ConvNet()
+    cb = MeanShiftRejection()
+    before = torch.get_rng_state()
+    cb.setup(SimpleNamespace(strategy=None, ckpt_path=None), model, "fit")
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_gradients_are_projected_and_linear_and_biases_untouched(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet("sgd")
+    reference = copy.deepcopy(model)
+    recorder = WeightRecorder()
+    data = loader(8, batch_size=8)
+    trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(init="none"), recorder]).fit(model, data)
+    x, y = next(iter(data))
+    nn.functional.cross_entropy(reference(x), y).backward()
+    seen = recorder.grads[0]
+    layouts = {w.name: w for w in eligible_weights(reference)}
+    for name, param in reference.named_parameters():
+        raw = param.grad
+        if name in layouts and layouts[name].centrable:
+            expected = raw.clone()
+            from lightning_msr.functional import project_mean_
+
+            project_mean_(expected, **layouts[name].layout_kwargs())
+            torch.testing.assert_close(seen[name], expected)
+            assert not torch.allclose(seen[name], raw)
+        else:  # Linear weight, biases and the uncentrable depthwise pointwise kernels
+            torch.testing.assert_close(seen[name], raw, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_alpha_weights_the_mean_subtraction(tmp_path, alpha):
+    L.seed_everything(0)
+    model = ConvNet("sgd")
+    reference = copy.deepcopy(model)
+    recorder = WeightRecorder()
+    data = loader(8, batch_size=8)
+    trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(alpha=alpha, init="none"), recorder]).fit(model, data)
+    x, y = next(iter(data))
+    nn.functional.cross_entropy(reference(x), y).backward()
+    raw = reference.features[0].weight.grad
+    expected = raw - alpha * raw.mean(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(recorder.grads[0]["features.0.weight"], expected)
+
+
+def test_include_linear_and_filter_mode(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet("adam")
+    trainer(tmp_path, max_epochs=2, callbacks=[MeanShiftRejection(include_linear=True, mode="filter")]).fit(
+        model, loader()
+    )
+    assert float(mean_shift(model.head.weight)) < 1e-5
+    conv = model.features[8].weight  # 8 input channels: a filter holds 8 kernels
+    assert float(mean_shift(conv, mode="filter")) < 1e-5
+    assert float(mean_shift(conv)) > 1e-4  # per-kernel means are free in filter mode
+
+
+def test_projection_in_backward_equals_projection_at_the_step(tmp_path):
+    """The projection is linear: doing it per backward (before accumulation and all-reduce) is exact."""
+    finals = {}
+    for timing in ("backward", "optimizer_step"):
+        L.seed_everything(0)
+        model = ConvNet("sgd_momentum")
+        cb = MeanShiftRejection(projection_timing=timing)
+        trainer(tmp_path, max_epochs=2, accumulate_grad_batches=2, callbacks=[cb]).fit(model, loader(32, 4))
+        finals[timing] = conv_weights(model)
+    for name in finals["backward"]:
+        torch.testing.assert_close(finals["backward"][name], finals["optimizer_step"][name], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_timing_choices(tmp_path):
+    cb = MeanShiftRejection()
+    trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(ConvNet(), loader())
+    assert cb.projects_in_backward is False  # reset at teardown
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["backward"] = cb.projects_in_backward
+            seen["hooks"] = param_hooks(pl_module)
+
+    model = ConvNet()
+    trainer(tmp_path, max_steps=1, callbacks=[cb, Spy()]).fit(model, loader())
+    assert seen["backward"] is True and seen["hooks"] > 0
+    cb_alpha = MeanShiftRejection(alpha=0.5)
+    trainer(tmp_path, max_steps=1, callbacks=[cb_alpha, Spy()]).fit(ConvNet(), loader())
+    assert seen["hooks"] == 0
+
+
+def test_logs_mean_shift_at_logging_interval(tmp_path):
+    L.seed_everything(0)
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer(tmp_path, max_steps=6, log_every_n_steps=2, logger=logger, callbacks=[MeanShiftRejection()]).fit(
+        ConvNet(), loader(48, 8)
+    )
+    import csv
+
+    rows = list(csv.DictReader(open(logger.log_dir + "/metrics.csv")))
+    values = [(int(r["step"]), float(r["msr/mean_shift"])) for r in rows if r.get("msr/mean_shift")]
+    assert [s for s, _ in values] == [1, 3, 5]  # every 2nd step only
+    assert all(v < 1e-5 for _, v in values)
+
+
+def test_validate_test_predict_do_not_touch_weights(tmp_path):
+    model = ConvNet()
+    before = conv_weights(model)
+    t = trainer(tmp_path, callbacks=[MeanShiftRejection()])
+    t.validate(model, loader())
+    t.test(model, loader())
+    t.predict(model, loader())
+    for name, value in conv_weights(model).items():
+        assert torch.equal(value, before[name])
+
+
+def test_second_fit_does_not_reinitialise(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet()
+    cb = MeanShiftRejection()
+    trainer(tmp_path, max_steps=3, callbacks=[cb]).fit(model, loader())
+    after_first = conv_weights(model)
+    recorder = WeightRecorder()
+    trainer(tmp_path, max_steps=2, callbacks=[cb, recorder]).fit(model, loader())
+    for name, value in after_first.items():
+        assert torch.equal(recorder.at_fit_start[name], value)
+    # a second callback instance on the same model does not redraw either
+    recorder = WeightRecorder()
+    before = conv_weights(model)
+    trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(), recorder]).fit(model, loader())
+    for name, value in before.items():
+        assert torch.equal(recorder.at_fit_start[name], value)
+    assert param_hooks(model) == 0  # every hook removed at teardown, none stacked
+
+
+def test_zero_mean_model_is_kept_not_redrawn(tmp_path):
+    """A model trained with MSR and loaded again (e.g. for fine-tuning) keeps its weights."""
+    L.seed_everything(0)
+    trained = ConvNet()
+    trainer(tmp_path, max_steps=3, callbacks=[MeanShiftRejection()]).fit(trained, loader())
+    fresh = ConvNet()
+    fresh.load_state_dict(trained.state_dict())
+    recorder = WeightRecorder()
+    trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(), recorder]).fit(fresh, loader())
+    for name, value in conv_weights(trained).items():
+        assert torch.equal(recorder.at_fit_start[name], value)
+
+
+def test_resumed_fit_continues_from_checkpoint_weights(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[MeanShiftRejection(), ckpt]).fit(
+        model, loader()
+    )
+    saved = torch.load(ckpt.last_model_path, weights_only=False)
+    assert any("MeanShiftRejection" in key for key in saved["callbacks"])
+    L.seed_everything(123)  # a different seed: a re-initialisation would show
+    resumed = ConvNet()
+    recorder = WeightRecorder()
+    cb = MeanShiftRejection()
+    trainer(tmp_path, max_epochs=2, enable_checkpointing=True, callbacks=[cb, recorder]).fit(
+        resumed, loader(), ckpt_path=ckpt.last_model_path
+    )
+    for name, value in saved["state_dict"].items():
+        torch.testing.assert_close(recorder.at_fit_start[name], value, rtol=0, atol=0)
+    assert cb.state_dict()["initialized"] is True
+
+
+def test_init_center_and_none(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet()
+    original = conv_weights(model)
+    recorder = WeightRecorder()
+    trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(init="center"), recorder]).fit(model, loader())
+    w = original["features.0.weight"]
+    torch.testing.assert_close(recorder.at_fit_start["features.0.weight"], w - w.mean(dim=(2, 3), keepdim=True))
+
+    model = ConvNet()
+    original = conv_weights(model)
+    recorder = WeightRecorder()
+    trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(init="none"), recorder]).fit(model, loader())
+    for name, value in original.items():
+        assert torch.equal(recorder.at_fit_start[name], value)
+
+
+def test_exclude_patterns(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet("adam")
+    original = model.features[0].weight.detach().clone()
+    recorder = WeightRecorder()
+    trainer(tmp_path, max_steps=2, callbacks=[MeanShiftRejection(exclude=["features.0"]), recorder]).fit(
+        model, loader()
+    )
+    assert torch.equal(recorder.at_fit_start["features.0.weight"], original)
+    assert float(mean_shift(model.features[0].weight)) > 1e-3
+    assert float(mean_shift(model.features[8].weight)) < 1e-5
+
+
+def test_batchnorm_policies(tmp_path):
+    with pytest.warns(MSRWarning, match=r"still contains 1 BatchNorm layer\(s\) \('features.1'\)"):
+        trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection()]).fit(ConvNet(batchnorm=True), loader())
+    with pytest.raises(MSRConfigurationError, match=r"batchnorm='error'.*1 BatchNorm layer"):
+        trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(batchnorm="error")]).fit(
+            ConvNet(batchnorm=True), loader()
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MSRWarning)  # no BatchNorm, no warning
+        trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection()]).fit(ConvNet(), loader())
+
+
+def test_model_without_convs_warns_or_raises(tmp_path):
+    class MLP(ConvNet):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Flatten()
+            self.head = nn.Linear(64, 3)
+
+    with pytest.warns(MSRWarning, match="found no conv layer"):
+        trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection()]).fit(MLP(), loader())
+    with pytest.raises(MSRConfigurationError, match=r"found no conv layer.*strict=True"):
+        trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(strict=True)]).fit(MLP(), loader())
+
+
+def test_uncentrable_and_lazy_weights_are_reported(tmp_path):
+    model = ConvNet()
+    model.features[3] = nn.Conv2d(8, 8, 1, groups=8)  # (8, 1, 1, 1): one element per kernel group
+    with pytest.warns(MSRWarning, match=r"single element.*\['features.3.weight'\]"):
+        trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection()]).fit(model, loader())
+    lazy = ConvNet()
+    lazy.features[0] = nn.LazyConv2d(8, 3, padding=1)
+    with pytest.warns(MSRWarning, match=r"not a plain, materialised parameter.*features.0"):
+        trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection()]).fit(lazy, loader())
+
+
+def test_sharded_strategies_are_refused():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cb = MeanShiftRejection()
+    with pytest.raises(MSRConfigurationError, match=r"FSDPStrategy is not supported: it flattens and shards"):
+        cb.setup(SimpleNamespace(strategy=FSDPStrategy(), ckpt_path=None), ConvNet(), "fit")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alpha": 1.5}, r"Expected `alpha` to be in \[0, 1\], but got 1.5"),
+        ({"alpha": float("nan")}, r"Expected `alpha` to be in \[0, 1\], but got nan"),
+        ({"init": "kaiming"}, r"Expected `init` to be one of 'zero_mean', 'center', 'none', but got 'kaiming'"),
+        ({"init_magnitude": 0}, r"Expected `init_magnitude` to be a finite positive number, but got 0.0"),
+        ({"include_linear": 1}, r"Expected `include_linear` to be True or False, but got 1"),
+        ({"batchnorm": "sync"}, r"Expected `batchnorm` to be one of 'error', 'warn', 'replace', but got 'sync'"),
+        ({"mode": "channel"}, r"Expected `mode` to be one of 'kernel', 'filter', but got 'channel'"),
+        ({"recenter": "yes"}, r"Expected `recenter` to be True, False or None, but got 'yes'"),
+        ({"projection_timing": "late"}, r"Expected `projection_timing` to be one of 'auto', 'backward'"),
+        ({"projection_timing": "backward", "alpha": 0.5}, r"'backward' with alpha=0.5: a weighted mean"),
+        ({"exclude": [""]}, r"Expected `exclude` to be a list of module-name patterns"),
+        ({"strict": None}, r"Expected `strict` to be True or False, but got None"),
+        ({"seed": 1.5}, r"Expected `seed` to be an int or None, but got 1.5"),
+    ],
+)
+def test_argument_errors(kwargs, match):
+    with pytest.raises(MSRConfigurationError, match=match):
+        MeanShiftRejection(**kwargs)
+
+
+def test_repr_shows_hyper_parameters():
+    assert repr(MeanShiftRejection(alpha=0.5)).startswith("MeanShiftRejection(alpha=0.5, init='zero_mean'")
