@@ -340,3 +340,23 @@ def test_argument_errors(kwargs, match):
 
 def test_repr_shows_hyper_parameters():
     assert repr(MeanShiftRejection(alpha=0.5)).startswith("MeanShiftRejection(alpha=0.5, init='zero_mean'")
+
+
+def test_layers_built_in_configure_model_are_initialised(tmp_path):
+    class Deferred(ConvNet):
+        def __init__(self):
+            super().__init__("adam")
+            self.features = None
+
+        def configure_model(self):
+            if self.features is None:
+                self.features = ConvNet().features
+
+    L.seed_everything(0)
+    model = Deferred()
+    recorder = WeightRecorder()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*found no conv layer.*")
+        trainer(tmp_path, max_steps=2, callbacks=[MeanShiftRejection(), recorder]).fit(model, loader())
+    assert float(mean_shift(recorder.at_fit_start["features.0.weight"])) < 1e-6
+    assert worst_mean_shift(model) < 1e-5

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -56,6 +57,12 @@ def _unsupported_strategy(strategy: Any) -> Optional[str]:
         if name in names:
             return f"{type(strategy).__name__} is not supported: {why}. Use 'ddp', 'ddp_msr' or a single device."
     return None
+
+
+def _broadcast_(trainer: pl.Trainer, tensor: Tensor) -> None:
+    """Copy rank 0's values into ``tensor`` on every rank (a no-op outside torch.distributed)."""
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast(tensor.data, src=0)
 
 
 def _plain_weight(module: nn.Module) -> bool:
@@ -182,6 +189,7 @@ class MeanShiftRejection(Callback):
         self._recenter_optimizers: set[int] = set()
         self._project_in_backward = False
         self._model_ref: Optional[weakref.ReferenceType] = None
+        self._deferred = False
         self._initialized = False
         self._replaced: dict[str, nn.Module] = {}
 
@@ -223,6 +231,11 @@ class MeanShiftRejection(Callback):
         if reason:
             raise MSRConfigurationError(f"MeanShiftRejection: {reason}")
         self._handle_batchnorm(pl_module)
+        self._deferred = not eligible_weights(pl_module) and is_overridden("configure_model", pl_module)
+        if self._deferred:
+            # Layers built in `configure_model` (which Lightning calls right after this hook) are not there
+            # yet: collect and initialise them at fit start instead.
+            return
         self._collect(pl_module)
         self._initialize(trainer, pl_module)
 
@@ -287,19 +300,20 @@ class MeanShiftRejection(Callback):
         }
         self._model_ref = weakref.ref(pl_module)
 
-    def _initialize(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
+    def _initialize(self, trainer: pl.Trainer, pl_module: nn.Module) -> bool:
+        """Initialise or centre the weights as ``init`` says; returns whether any weight changed."""
         weights = self._weights or []
         if self._init == "none" or not weights:
-            return
+            return False
         if getattr(pl_module, _INIT_FLAG, False):
-            return  # never re-initialise a model (second fit, second callback)
+            return False  # never re-initialise a model (second fit, second callback)
         if trainer.ckpt_path is not None:
             rank_zero_info(
                 f"MeanShiftRejection: resuming from {trainer.ckpt_path!r}; the checkpoint's weights are kept."
             )
             object.__setattr__(pl_module, _INIT_FLAG, True)
             self._initialized = True
-            return
+            return False
         kwargs = [{"mode": self._mode, **w.layout_kwargs()} for w in weights]
         if self._init == "zero_mean":
             worst = max(float(mean_shift(w.parameter, **kw)) for w, kw in zip(weights, kwargs))
@@ -323,13 +337,20 @@ class MeanShiftRejection(Callback):
             rank_zero_info(f"MeanShiftRejection: centred the kernels of {len(weights)} existing weight(s).")
         object.__setattr__(pl_module, _INIT_FLAG, True)
         self._initialized = True
+        return True
 
     # ------------------------------------------------------------------ fit: hooks
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        if self._weights is None:  # fit without setup (should not happen), be safe
+        if self._deferred or self._weights is None:
+            self._deferred = False
+            self._handle_batchnorm(pl_module)
             self._collect(pl_module)
+            if self._initialize(trainer, pl_module):
+                # DDP has already broadcast rank 0's weights: share the new draw the same way
+                for w in self._weights or []:
+                    _broadcast_(trainer, w.parameter)
         clip_by_value = bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm == "value"
         if clip_by_value:
             rank_zero_warn(
