@@ -13,11 +13,12 @@ Example::
     ...                     enable_model_summary=False)
 """
 
-from lightning_msr import functional, nn
+from lightning_msr import functional, nn, noise
 from lightning_msr.callbacks import DeepControl, MeanShiftRejection, NoiseInjection
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
+from lightning_msr.noise import channel_noise
 from lightning_msr.strategies import MSRDDPStrategy
-from lightning_msr.surgery import replace_batchnorm
+from lightning_msr.surgery import Replacements, find_batchnorm, replace_batchnorm
 
 __version__ = "0.1.0"
 
@@ -28,8 +29,12 @@ __all__ = [
     "MSRWarning",
     "MeanShiftRejection",
     "NoiseInjection",
+    "Replacements",
     "__version__",
+    "channel_noise",
+    "find_batchnorm",
     "functional",
     "nn",
+    "noise",
     "replace_batchnorm",
 ]

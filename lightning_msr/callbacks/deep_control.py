@@ -1,0 +1,159 @@
+"""Deep Control as a Lightning callback: every BatchNorm becomes an automatic gain control.
+
+Ruff, "Deep Control -- an automatic gain control for deep neural networks" (arXiv:1706.03907). The
+callback only decides *when*: the surgery itself is :func:`lightning_msr.replace_batchnorm` with
+``replacement="agc"``, and the layer is :class:`lightning_msr.nn.AutomaticGainControl`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_msr._checks import _check_names
+from lightning_msr.exceptions import MSRWarning
+from lightning_msr.nn.affine import _check_finite
+from lightning_msr.nn.gain_control import AutomaticGainControl
+from lightning_msr.surgery import find_batchnorm, replace_batchnorm
+
+__all__ = ["DeepControl"]
+
+
+def _runs_in_worker_processes(trainer: pl.Trainer) -> bool:
+    """Whether fit runs in processes started by the Trainer (ddp_spawn, ddp_fork, ddp_notebook)."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+class DeepControl(Callback):
+    r"""Replace every BatchNorm of the LightningModule with Deep Control's automatic gain control.
+
+    At the start of ``fit`` (in ``setup("fit")``: before a checkpoint is restored, before
+    ``configure_optimizers`` and before DDP wraps the model) every ``BatchNorm1d/2d/3d`` and
+    ``SyncBatchNorm`` becomes an :class:`~lightning_msr.nn.AutomaticGainControl`
+    (``y = gain * (x - beta * mean_spatial(x)) + bias``, per sample) whose ``gain``/``bias`` start from the
+    BatchNorm's ``weight``/``bias`` and whose ``beta`` starts at ``beta_init``. The new parameters are
+    therefore seen by the optimizer and broadcast by DDP like any other, and a checkpoint saved after the
+    surgery loads back into a fresh LightningModule when this callback is present again.
+
+    Afterwards the model uses no minibatch statistics: any batch size works (1 included), each sample's
+    output is independent of the rest of its batch, and training and evaluation compute the same function.
+
+    Nothing happens on ``validate``/``test``/``predict``, and the surgery is done once per model (a second
+    ``fit`` finds no BatchNorm left). To evaluate a checkpoint in a new process without ``fit``, apply
+    ``replace_batchnorm(model, "agc")`` to the freshly built model before loading the state dict. Layers
+    created after this callback's ``setup`` (in ``LightningModule.setup`` or ``configure_model``) are
+    reported with a warning at fit start; they keep their BatchNorm.
+
+    With a spawn- or fork-based strategy (``ddp_spawn``, ``ddp_notebook``) the surgery happens in the worker
+    processes and the model object you passed to ``fit`` is not converted (a warning says so): call
+    :func:`~lightning_msr.replace_batchnorm` on it before ``fit`` instead.
+
+    The gain control needs a spatial map: a BatchNorm1d on ``(N, C)`` features (e.g. in an MLP head) raises
+    at the first forward pass; leave such layers out with ``exclude``. When used together with
+    ``MeanShiftRejection``, list ``DeepControl`` first so it sees the BatchNorm layers.
+
+    Args:
+        beta_init: initial value of every ``beta`` (the fraction of the map mean removed; 1 removes it all).
+        exclude: module-name patterns (``fnmatch`` syntax, e.g. ``"head.*"``) of BatchNorm layers to keep.
+
+    Raises:
+        MSRConfigurationError: if ``beta_init`` is not a finite number or ``exclude`` is not a list of
+            patterns; in ``setup``, for the models :func:`~lightning_msr.replace_batchnorm` refuses.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_msr import DeepControl
+        >>> callback = DeepControl(beta_init=0.9)
+        >>> callback
+        DeepControl(beta_init=0.9, exclude=None)
+        >>> trainer = L.Trainer(callbacks=[callback], logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+
+    From the command line::
+
+        python train.py fit --trainer.callbacks+=lightning_msr.DeepControl --trainer.callbacks.beta_init=0.9
+    """
+
+    def __init__(self, beta_init: float = 1.0, exclude: Optional[Sequence[str]] = None) -> None:
+        self._beta_init = _check_finite("beta_init", beta_init)
+        self._exclude = _check_names("exclude", exclude)
+        self._replaced: list[str] = []
+        self._model_ref: Optional[weakref.ReferenceType] = None
+
+    @property
+    def replaced(self) -> list[str]:
+        """Qualified names of the BatchNorm layers this callback replaced (empty before ``fit``)."""
+        return list(self._replaced)
+
+    def __repr__(self) -> str:
+        exclude = list(self._exclude) if self._exclude else None
+        return f"{type(self).__name__}(beta_init={self._beta_init}, exclude={exclude})"
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return  # validate / test / predict never change the model
+        if self._model_ref is not None and self._model_ref() is pl_module:
+            return  # a second fit of the same model: the surgery is done
+        self._model_ref = weakref.ref(pl_module)
+        replaced = replace_batchnorm(pl_module, "agc", beta_init=self._beta_init, exclude=self._exclude)
+        self._replaced = list(replaced)
+        if replaced:
+            if _runs_in_worker_processes(trainer):
+                rank_zero_warn(
+                    f"DeepControl replaced BatchNorm inside the worker processes of `{type(trainer.strategy).__name__}`"
+                    " (spawn/fork launcher). The model object in the main process is not converted, and Lightning "
+                    "loads the trained weights back into it non-strictly, dropping the new layers' parameters. Call "
+                    "`lightning_msr.replace_batchnorm(model, 'agc')` before `trainer.fit` (this callback then finds "
+                    "nothing left to replace), or use `strategy='ddp'`.",
+                    category=MSRWarning,
+                )
+            return
+        if any(isinstance(m, AutomaticGainControl) for m in pl_module.modules()):
+            rank_zero_info("DeepControl: the model has no BatchNorm left; its AutomaticGainControl layers stay.")
+        else:
+            rank_zero_warn(
+                f"DeepControl found no BatchNorm layer to replace in {type(pl_module).__name__}"
+                + (f" outside `exclude`={list(self._exclude)}" if self._exclude else "")
+                + "; it does nothing for this model. Add `lightning_msr.nn.AutomaticGainControl` layers after "
+                "your convolutions yourself, or use `MeanShiftRejection`.",
+                category=MSRWarning,
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        late = find_batchnorm(pl_module, self._exclude)
+        if late:
+            shown = ", ".join(repr(name) for name in list(late)[:5]) + (", ..." if len(late) > 5 else "")
+            rank_zero_warn(
+                f"DeepControl: {len(late)} BatchNorm layer(s) appeared after the surgery ({shown}), e.g. built in "
+                "`LightningModule.setup` or `configure_model`, which run after callbacks' `setup`. They keep "
+                "using minibatch statistics; build them in `__init__`, or call "
+                "`lightning_msr.replace_batchnorm(self, 'agc')` at the end of your `configure_model`.",
+                category=MSRWarning,
+            )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"beta_init": self._beta_init, "replaced": list(self._replaced)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Called after `setup` (the surgery) on resume: the checkpoint's weights need the same layers.
+        saved = list(state_dict.get("replaced", []))
+        if saved and self._replaced and saved != self._replaced:
+            rank_zero_warn(
+                f"DeepControl: the checkpoint was saved after replacing {len(saved)} BatchNorm layer(s), but "
+                f"{len(self._replaced)} were replaced in this run (first differences: "
+                f"{sorted(set(saved) ^ set(self._replaced))[:5]}). Is it the same model?",
+                category=MSRWarning,
+            )
