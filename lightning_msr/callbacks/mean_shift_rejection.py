@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_msr._checks import _check_bool, _check_choice, _check_in_range, _check_names, _check_positive
+from lightning_msr.callbacks.deep_control import _runs_in_worker_processes
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.functional import (
     KernelWeight,
@@ -32,6 +33,7 @@ from lightning_msr.functional import (
     project_mean_,
     zero_mean_init_,
 )
+from lightning_msr.surgery import replace_batchnorm
 
 _INITS = ("zero_mean", "center", "none")
 _BATCHNORM = ("error", "warn", "replace")
@@ -190,6 +192,7 @@ class MeanShiftRejection(Callback):
         self._project_in_backward = False
         self._model_ref: Optional[weakref.ReferenceType] = None
         self._deferred = False
+        self._trainer_spawns = False
         self._initialized = False
         self._replaced: dict[str, nn.Module] = {}
 
@@ -230,6 +233,7 @@ class MeanShiftRejection(Callback):
         reason = _unsupported_strategy(trainer.strategy)
         if reason:
             raise MSRConfigurationError(f"MeanShiftRejection: {reason}")
+        self._trainer_spawns = _runs_in_worker_processes(trainer)
         self._handle_batchnorm(pl_module)
         self._deferred = not eligible_weights(pl_module) and is_overridden("configure_model", pl_module)
         if self._deferred:
@@ -258,9 +262,16 @@ class MeanShiftRejection(Callback):
                 category=MSRWarning,
             )
             return
-        from lightning_msr.surgery import replace_batchnorm
-
         self._replaced = dict(replace_batchnorm(pl_module, "affine"))
+        if self._replaced and self._trainer_spawns:
+            rank_zero_warn(
+                "MeanShiftRejection(batchnorm='replace') replaced BatchNorm inside the worker processes of a "
+                "spawn/fork strategy. The model object in the main process is not converted, and Lightning loads "
+                "the trained weights back into it non-strictly, dropping the new layers' parameters. Call "
+                "`lightning_msr.replace_batchnorm(model, 'affine')` before `trainer.fit`, or use `strategy='ddp'` "
+                "or 'ddp_msr'.",
+                category=MSRWarning,
+            )
 
     def _collect(self, pl_module: nn.Module) -> None:
         weights = eligible_weights(pl_module, include_linear=self._include_linear, exclude=self._exclude)
