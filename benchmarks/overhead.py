@@ -65,9 +65,16 @@ class StepTimer(L.Callback):
         self.times.append((time.perf_counter() - self._start[0], time.process_time() - self._start[1]))
 
 
-def run(model: Classifier, loader: DataLoader, steps: int, msr: bool, warmup: int) -> list[tuple[float, float]]:
+CONFIGS = {
+    "without the callback": None,
+    "`MeanShiftRejection()` (projection during backward)": "auto",
+    "`MeanShiftRejection(projection_timing='optimizer_step')`": "optimizer_step",
+}
+
+
+def run(model: Classifier, loader: DataLoader, steps: int, timing, warmup: int) -> list[tuple[float, float]]:
     timer = StepTimer()
-    callbacks: list[L.Callback] = [MeanShiftRejection(init="none")] if msr else []
+    callbacks: list[L.Callback] = [MeanShiftRejection(init="none", projection_timing=timing)] if timing else []
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps + warmup,
@@ -128,25 +135,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.randint(0, 10, (args.batch_size * 4,)),
     )
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True)
-    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}
     model = Classifier(width)
+    order = list(CONFIGS)
     for round_ in range(args.rounds):
-        for msr in (False, True) if round_ % 2 == 0 else (True, False):
-            times[msr] += run(model, loader, args.steps, msr, warmup=2)
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            times[name] += run(model, loader, args.steps, CONFIGS[name], warmup=2)
 
-    def median(msr: bool, clock: int) -> float:
-        return statistics.median(t[clock] for t in times[msr]) * 1e3
+    def median(name: str, clock: int) -> float:
+        return statistics.median(t[clock] for t in times[name]) * 1e3
 
     alone = projection_alone(model.net, repeats=5 if args.tiny else 30)
+    base = order[0]
+    rows = [
+        f"| {name} | {median(name, 0):.1f} ms | {median(name, 1):.1f} ms | "
+        f"{median(name, 0) / median(base, 0):.3f} | {median(name, 1) / median(base, 1):.3f} |"
+        for name in order
+    ]
     result = {
-        "wall_ms_without": median(False, 0),
-        "wall_ms_with": median(True, 0),
-        "cpu_ms_without": median(False, 1),
-        "cpu_ms_with": median(True, 1),
+        "wall_ratio": median(order[1], 0) / median(base, 0),
+        "cpu_ratio": median(order[1], 1) / median(base, 1),
+        "cpu_ratio_optimizer_step": median(order[2], 1) / median(base, 1),
         **{f"projection_cpu_ms[{k}]": v for k, v in alone.items()},
     }
-    result["wall_ratio"] = result["wall_ms_with"] / result["wall_ms_without"]
-    result["cpu_ratio"] = result["cpu_ms_with"] / result["cpu_ms_without"]
     lines = [
         "# MeanShiftRejection step-time overhead",
         "",
@@ -154,12 +165,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"momentum, CPU ({torch.get_num_threads()} threads), {args.rounds} alternating rounds of {args.steps} steps; "
         "medians over all timed steps. Produced by `python benchmarks/overhead.py`.",
         "",
-        "| measure | wall clock | CPU time (all threads) |",
-        "|---|---|---|",
-        f"| step without the callback | {result['wall_ms_without']:.1f} ms | {result['cpu_ms_without']:.1f} ms |",
-        f"| step with `MeanShiftRejection()` | {result['wall_ms_with']:.1f} ms | {result['cpu_ms_with']:.1f} ms |",
-        f"| **ratio (target <= 1.02)** | **{result['wall_ratio']:.3f}** | **{result['cpu_ratio']:.3f}** |",
-        *[f"| projection of all conv gradients alone, {k} | | {v:.2f} ms |" for k, v in alone.items()],
+        "| training step | wall clock | CPU time (all threads) | wall ratio | CPU-time ratio (target <= 1.02) |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "| projection of all 11.2 M conv gradients on its own (CPU time) | |",
+        "|---|---|",
+        *[f"| {k} | {v:.2f} ms |" for k, v in alone.items()],
+        "",
+        "CPU time is what the step costs this process; it is much less disturbed than wall time when other "
+        "processes share the machine. The default projection runs in each kernel's post-accumulate-grad hook "
+        "while the fresh gradient is still in cache, which is why it costs less than the same work done "
+        "separately at the optimizer step.",
         "",
     ]
     text = "\n".join(lines)
