@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from helpers import OPTIMIZERS, ConvNet, WeightRecorder, conv_weights, loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from helpers import OPTIMIZERS, ConvNet, WeightRecorder, conv_weights, loader, trainer
 from lightning_msr import MeanShiftRejection, MSRConfigurationError, MSRWarning
 from lightning_msr.functional import eligible_weights, mean_shift
 

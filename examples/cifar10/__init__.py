@@ -1,0 +1,1 @@
+"""CIFAR-10 with a torchvision ResNet-18 adapted to 32x32 images (LightningCLI example)."""

@@ -1,0 +1,80 @@
+"""The normalisation layers the example networks can be built with, and how checkpoints record them.
+
+``"batchnorm"`` is the usual baseline. ``"affine"`` is what remains of BatchNorm without its statistics (a
+learnable per-channel scale and bias, :class:`lightning_msr.nn.affine.ChannelAffine`): what
+``MeanShiftRejection(batchnorm="replace")`` puts in place of every BatchNorm at fit setup. ``"agc"`` is Deep
+Control's :class:`lightning_msr.nn.AutomaticGainControl`, what the ``DeepControl()`` callback puts there.
+``"none"`` leaves nothing.
+
+Because that surgery happens during ``fit``, a checkpoint saved afterwards holds the new layers while the
+model's ``norm`` hyper-parameter still says ``"batchnorm"``. :func:`record_norm` writes the layer type the
+network really has into the checkpoint's hyper-parameters, so ``Model.load_from_checkpoint(path)`` and
+``main.py test --ckpt_path=path`` rebuild the network as it was saved.
+
+Example::
+
+    >>> from torch import nn
+    >>> from examples.norms import detect_norm, make_norm
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), make_norm("affine", 4))
+    >>> detect_norm(net)
+    'affine'
+    >>> detect_norm(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))
+    'none'
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+from torch import nn
+
+from lightning_msr.nn import AutomaticGainControl
+from lightning_msr.nn.affine import ChannelAffine
+
+__all__ = ["NORMS", "Norm", "detect_norm", "make_norm", "record_norm"]
+
+Norm = Literal["batchnorm", "affine", "agc", "none"]
+NORMS = ("batchnorm", "affine", "agc", "none")
+_TYPES = (("batchnorm", nn.modules.batchnorm._BatchNorm), ("affine", ChannelAffine), ("agc", AutomaticGainControl))
+
+
+def make_norm(norm: str, channels: int) -> nn.Module:
+    """The layer that follows a conv with ``channels`` outputs, for ``norm`` in :data:`NORMS`.
+
+    Raises:
+        ValueError: for an unknown ``norm``.
+    """
+    if norm == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if norm == "affine":
+        return ChannelAffine(channels)
+    if norm == "agc":
+        return AutomaticGainControl(channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"Expected `norm` to be one of {NORMS}, but got {norm!r}.")
+
+
+def detect_norm(module: nn.Module) -> str:
+    """Which of :data:`NORMS` ``module`` contains now (the first kind found; ``"none"`` if there is none)."""
+    for name, kind in _TYPES:
+        if any(isinstance(m, kind) for m in module.modules()):
+            return name
+    return "none"
+
+
+def record_norm(module: nn.Module, checkpoint: dict[str, Any], key: str = "norm") -> None:
+    """Write :func:`detect_norm` of ``module`` into ``checkpoint["hyper_parameters"][key]``.
+
+    Call it from ``LightningModule.on_save_checkpoint``. The model's own hyper-parameters are left untouched
+    (the checkpoint gets a copy).
+    """
+    hparams = checkpoint.get("hyper_parameters")
+    if not hparams or key not in hparams:
+        return
+    actual = detect_norm(module)
+    if hparams[key] != actual:
+        hparams = copy.copy(hparams)
+        hparams[key] = actual
+        checkpoint["hyper_parameters"] = hparams

@@ -1,0 +1,186 @@
+"""LightningCLI: lightning_msr's callbacks and strategy switched on from flags and YAML (examples/digits/main.py)."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the examples are not installed: import them from the repository
+    sys.path.insert(0, str(ROOT))
+
+import lightning_msr  # noqa: E402
+from examples.digits.main import cli_main  # noqa: E402
+from lightning_msr.functional import eligible_weights, mean_shift  # noqa: E402
+
+DIGITS = ROOT / "examples" / "digits"
+
+MSR_FLAGS = [
+    "--trainer.callbacks+=lightning_msr.MeanShiftRejection",
+    "--trainer.callbacks.alpha=1.0",
+    "--trainer.callbacks.batchnorm=error",
+    "--trainer.callbacks+=lightning_msr.NoiseInjection",
+    "--trainer.callbacks.scale=0.15",
+    "--trainer.callbacks.shift=0.05",
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch):
+    """LightningCLI warns when `args` is given while sys.argv holds pytest's own arguments."""
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+
+
+def _quick(tmp_path: Path) -> list[str]:
+    """Flags that make a fit take a few seconds: a small training subset, one epoch, nothing written but tmp."""
+    return [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.max_train_samples=64",
+        "--data.batch_size=8",
+        "--model.width=8",
+    ]
+
+
+def _worst_mean_shift(model: torch.nn.Module) -> float:
+    return max(float(mean_shift(w.parameter, **w.layout_kwargs())) for w in eligible_weights(model))
+
+
+def test_print_config_shows_callbacks_with_their_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--model.norm=affine", *MSR_FLAGS, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    callbacks = config["trainer"]["callbacks"]
+    assert [c["class_path"] for c in callbacks] == ["lightning_msr.MeanShiftRejection", "lightning_msr.NoiseInjection"]
+    msr, noise = (c["init_args"] for c in callbacks)
+    # the flags, and every other constructor argument with its default
+    assert msr["alpha"] == 1.0 and msr["batchnorm"] == "error"
+    assert noise["scale"] == 0.15 and noise["shift"] == 0.05
+    for init_args, cls, flags in (
+        (msr, lightning_msr.MeanShiftRejection, {"alpha", "batchnorm"}),
+        (noise, lightning_msr.NoiseInjection, {"scale", "shift"}),
+    ):
+        parameters = inspect.signature(cls).parameters
+        assert set(init_args) == set(parameters)
+        assert all(init_args[name] == parameters[name].default for name in set(parameters) - flags)
+    assert config["model"]["norm"] == "affine"
+
+
+def test_fit_from_flags_alone(tmp_path):
+    cli = cli_main(["fit", "--model.norm=affine", "--trainer.logger=false", *_quick(tmp_path), *MSR_FLAGS])
+    trainer, model = cli.trainer, cli.model
+    assert trainer.state.finished
+    assert trainer.global_step == 64 // 8
+    msr = next(c for c in trainer.callbacks if isinstance(c, lightning_msr.MeanShiftRejection))
+    noise = next(c for c in trainer.callbacks if isinstance(c, lightning_msr.NoiseInjection))
+    assert msr.alpha == 1.0 and "scale=0.15" in repr(noise)
+    # MSR really ran: every kernel was re-drawn zero-mean and stayed there through 8 SGD steps
+    assert len(msr.weights) == 4
+    assert _worst_mean_shift(model) < 1e-5
+    assert "val_acc" in trainer.callback_metrics
+
+
+def test_fit_without_msr_leaves_kernels_alone(tmp_path):
+    """The control for the test above: the same run without the callbacks keeps PyTorch's default kernels."""
+    cli = cli_main(["fit", "--model.norm=affine", "--trainer.logger=false", *_quick(tmp_path)])
+    assert cli.trainer.global_step == 64 // 8
+    assert _worst_mean_shift(cli.model) > 1e-2
+
+
+@pytest.mark.parametrize("config", ["config_msr.yaml", "config_batchnorm.yaml"])
+def test_yaml_config(tmp_path, config):
+    args = [
+        "fit",
+        f"--config={DIGITS / config}",
+        *_quick(tmp_path),
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
+    cli = cli_main(args)
+    trainer = cli.trainer
+    assert trainer.state.finished and trainer.global_step == 64 // 8
+    has_msr = any(isinstance(c, lightning_msr.MeanShiftRejection) for c in trainer.callbacks)
+    has_noise = any(isinstance(c, lightning_msr.NoiseInjection) for c in trainer.callbacks)
+    batchnorms = [m for m in cli.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if config == "config_msr.yaml":
+        assert has_msr and has_noise and not batchnorms
+        assert _worst_mean_shift(cli.model) < 1e-5
+    else:
+        assert not has_msr and not has_noise and len(batchnorms) == 4
+    # the config's ModelCheckpoint and CSV logger did their work under tmp_path
+    assert list(tmp_path.rglob("*.ckpt"))
+    assert list(tmp_path.rglob("metrics.csv"))
+
+
+@pytest.mark.parametrize(
+    ("flag", "named"),
+    [
+        ("--trainer.callbacks.alpha=abc", "alpha"),
+        ("--trainer.callbacks.init=random", "init"),
+        ("--trainer.callbacks.include_linear=maybe", "include_linear"),
+    ],
+)
+def test_bad_flag_value_is_a_parser_error_naming_the_argument(capsys, flag, named):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--trainer.callbacks+=lightning_msr.MeanShiftRejection", flag])
+    assert exit_info.value.code == 2  # argparse's usage error
+    err = capsys.readouterr().err
+    assert "error:" in err
+    assert f'Parser key "{named}"' in err
+    assert flag.split("=")[1] in err
+
+
+def test_bad_model_flag_is_a_parser_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--model.norm=layernorm"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "norm" in err and "layernorm" in err
+
+
+def test_out_of_range_flag_value_names_the_argument(tmp_path):
+    # well-typed but out of range: the callback's own check runs when LightningCLI instantiates it
+    with pytest.raises(ValueError, match=r"Expected `alpha` to be in \[0, 1\], but got 2.0"):
+        cli_main(["fit", "--trainer.callbacks+=lightning_msr.MeanShiftRejection", "--trainer.callbacks.alpha=2"])
+    with pytest.raises(ValueError, match=r"Expected `scale` to be"):
+        cli_main(["fit", "--trainer.callbacks+=lightning_msr.NoiseInjection", "--trainer.callbacks.scale=-0.1"])
+
+
+def test_ddp_msr_strategy_from_a_flag(tmp_path):
+    cli = cli_main(
+        [
+            "--trainer.strategy=ddp_msr",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    assert isinstance(cli.trainer.strategy, lightning_msr.MSRDDPStrategy)
+
+
+def test_script_runs_from_any_directory(tmp_path):
+    """`python examples/digits/main.py` works as a script, from outside the repository too."""
+    proc = subprocess.run(
+        [sys.executable, str(DIGITS / "main.py"), "fit", f"--config={DIGITS / 'config_msr.yaml'}", "--print_config"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = yaml.safe_load(proc.stdout)
+    assert config["trainer"]["callbacks"][0]["class_path"] == "lightning_msr.MeanShiftRejection"
