@@ -66,6 +66,23 @@ def _numel(*tensors: Optional[Tensor]) -> Optional[int]:
     return None
 
 
+def _factory_of(batchnorm: nn.Module) -> dict:
+    """``device`` and ``dtype`` of a BatchNorm's parameters (or buffers), for building its replacement."""
+    reference = batchnorm.weight if batchnorm.weight is not None else batchnorm.running_mean
+    return {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
+
+
+def _copy_affine_(batchnorm: nn.Module, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """Start a replacement from BatchNorm's affine parameters (values and ``requires_grad``)."""
+    with torch.no_grad():
+        if batchnorm.weight is not None:
+            weight.copy_(batchnorm.weight)
+            weight.requires_grad_(batchnorm.weight.requires_grad)
+        if batchnorm.bias is not None and bias is not None:
+            bias.copy_(batchnorm.bias)
+            bias.requires_grad_(batchnorm.bias.requires_grad)
+
+
 def channel_affine(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None) -> Tensor:
     """``y[n, c] = weight[c] * x[n, c] + bias[c]`` for an ``(N, C, *spatial)`` input.
 
@@ -201,16 +218,9 @@ class ChannelAffine(nn.Module):
             >>> torch.allclose(affine(x), bn(x), atol=1e-6)
             True
         """
-        reference = batchnorm.weight if batchnorm.weight is not None else batchnorm.running_mean
-        factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
-        layer = cls(int(batchnorm.num_features), bias=True, **factory)
+        layer = cls(int(batchnorm.num_features), bias=True, **_factory_of(batchnorm))
+        _copy_affine_(batchnorm, layer.weight, layer.bias)
         with torch.no_grad():
-            if batchnorm.weight is not None:
-                layer.weight.copy_(batchnorm.weight)
-                layer.weight.requires_grad_(batchnorm.weight.requires_grad)
-            if batchnorm.bias is not None:
-                layer.bias.copy_(batchnorm.bias)
-                layer.bias.requires_grad_(batchnorm.bias.requires_grad)
             if fold_running_stats and batchnorm.running_mean is not None and batchnorm.running_var is not None:
                 scale = layer.weight.double() / (batchnorm.running_var.double() + batchnorm.eps).sqrt()
                 layer.bias.copy_(layer.bias.double() - batchnorm.running_mean.double() * scale)

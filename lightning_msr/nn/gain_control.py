@@ -37,7 +37,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
-from lightning_msr.nn.affine import _check_finite, _check_input, _check_num_features, channel_affine
+from lightning_msr.nn.affine import (
+    _check_finite,
+    _check_input,
+    _check_num_features,
+    _copy_affine_,
+    _factory_of,
+    channel_affine,
+)
 
 __all__ = ["AutomaticGainControl", "automatic_gain_control"]
 
@@ -210,14 +217,6 @@ class AutomaticGainControl(nn.Module):
             >>> AutomaticGainControl.from_batchnorm(nn.BatchNorm2d(32), beta_init=0.9)
             AutomaticGainControl(32, beta_init=0.9, gain_init=1.0, bias=True)
         """
-        reference = batchnorm.weight if batchnorm.weight is not None else batchnorm.running_mean
-        factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
-        layer = cls(int(batchnorm.num_features), beta_init=beta_init, bias=True, **factory)
-        with torch.no_grad():
-            if batchnorm.weight is not None:
-                layer.gain.copy_(batchnorm.weight)
-                layer.gain.requires_grad_(batchnorm.weight.requires_grad)
-            if batchnorm.bias is not None:
-                layer.bias.copy_(batchnorm.bias)
-                layer.bias.requires_grad_(batchnorm.bias.requires_grad)
+        layer = cls(int(batchnorm.num_features), beta_init=beta_init, bias=True, **_factory_of(batchnorm))
+        _copy_affine_(batchnorm, layer.gain, layer.bias)
         return layer.train(batchnorm.training)
