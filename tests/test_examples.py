@@ -36,6 +36,7 @@ def _no_pytest_argv(monkeypatch):
     "module",
     [
         "examples.norms",
+        "examples.classifier",
         "examples.digits.data",
         "examples.digits.model",
         "examples.cifar10.data",

@@ -20,14 +20,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import lightning as L
-import torch
 import torchvision
 from torch import Tensor, nn
-from torch.nn import functional as F
-from torchmetrics.classification import MulticlassAccuracy
 
-from examples.norms import NORMS, Norm, make_norm, record_norm
+from examples.classifier import ImageClassifier
+from examples.norms import NORMS, Norm, make_norm
 
 __all__ = ["CIFARResNet", "cifar_resnet"]
 
@@ -64,7 +61,7 @@ def cifar_resnet(arch: Arch = "resnet18", num_classes: int = 10, norm: Norm = "b
     return net
 
 
-class CIFARResNet(L.LightningModule):
+class CIFARResNet(ImageClassifier):
     """CIFAR-10 classifier: :func:`cifar_resnet`, cross-entropy, SGD with Nesterov momentum and a per-step schedule.
 
     Logs ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss`` and ``test_acc`` (torchmetrics).
@@ -80,7 +77,7 @@ class CIFARResNet(L.LightningModule):
         nesterov: Nesterov momentum.
         weight_decay: L2 weight decay.
         label_smoothing: label smoothing of the cross-entropy.
-        schedule: ``"onecycle"`` (PyTorch's ``OneCycleLR``), ``"cosine"`` (``CosineAnnealingLR`` per step)
+        schedule: ``"onecycle"`` (PyTorch's ``OneCycleLR``), ``"cosine"`` (cosine decay to 0, per step)
             or ``"constant"``.
 
     Raises:
@@ -105,7 +102,7 @@ class CIFARResNet(L.LightningModule):
         label_smoothing: float = 0.0,
         schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes)
         if schedule not in ("onecycle", "cosine", "constant"):
             raise ValueError(
                 f"Expected `schedule` to be one of 'onecycle', 'cosine', 'constant', but got {schedule!r}."
@@ -114,45 +111,6 @@ class CIFARResNet(L.LightningModule):
             raise ValueError(f"Expected `lr` to be positive, but got {lr!r}.")
         self.save_hyperparameters()
         self.net = cifar_resnet(arch, num_classes, norm)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        record_norm(self, checkpoint)
-
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        metric(logits, y)
-        on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=not on_step, sync_dist=not on_step)
-        self.log(f"{stage}_acc", metric, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train", self.train_acc)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test", self.test_acc)
-
-    def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        optimizer = torch.optim.SGD(
-            self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
-        )
-        if hp.schedule == "constant":
-            return {"optimizer": optimizer}
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        if hp.schedule == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
-        else:
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

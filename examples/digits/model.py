@@ -21,24 +21,16 @@ Example::
 
 from __future__ import annotations
 
-import math
-from typing import Literal
-
-import lightning as L
-import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
-from torchmetrics.classification import MulticlassAccuracy
 
-from examples.norms import NORMS, Norm, make_norm, record_norm
+from examples.classifier import SCHEDULES, ImageClassifier, Schedule
+from examples.norms import NORMS, Norm, make_norm
 
 __all__ = ["NORMS", "SCHEDULES", "SmallCNN"]
 
-Schedule = Literal["constant", "cosine", "onecycle"]
-SCHEDULES = ("constant", "cosine", "onecycle")
 
 
-class SmallCNN(L.LightningModule):
+class SmallCNN(ImageClassifier):
     """Four 3x3 conv layers (``width``, ``width``, pool, ``2*width``, ``2*width``), global average pool, linear head.
 
     Trained with SGD (momentum, optional Nesterov, weight decay) and a per-step learning-rate schedule; logs
@@ -88,7 +80,7 @@ class SmallCNN(L.LightningModule):
         schedule: Schedule = "cosine",
         warmup_fraction: float = 0.05,
     ) -> None:
-        super().__init__()
+        super().__init__(num_classes)
         if norm not in NORMS:
             raise ValueError(f"Expected `norm` to be one of {NORMS}, but got {norm!r}.")
         if schedule not in SCHEDULES:
@@ -119,53 +111,6 @@ class SmallCNN(L.LightningModule):
             nn.Flatten(),
         )
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * width, num_classes))
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        record_norm(self, checkpoint)
-
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str, metric: MulticlassAccuracy) -> Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        metric(logits, y)
-        on_step = stage == "train"
-        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=not on_step, sync_dist=not on_step)
-        self.log(f"{stage}_acc", metric, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train", self.train_acc)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val", self.val_acc)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test", self.test_acc)
-
-    def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        optimizer = torch.optim.SGD(
-            self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
-        )
-        if hp.schedule == "constant":
-            return {"optimizer": optimizer}
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        if hp.schedule == "onecycle":
-            scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=hp.lr, total_steps=total)
-        else:
-            warmup = int(hp.warmup_fraction * total)
-
-            def factor(step: int) -> float:
-                if step < warmup:
-                    return (step + 1) / (warmup + 1)
-                progress = min(1.0, (step - warmup) / max(1, total - warmup))
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
