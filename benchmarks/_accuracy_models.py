@@ -1,0 +1,341 @@
+"""Data sets, the network family and the method registry of ``benchmarks/accuracy.py``.
+
+Everything here ships without a download: scikit-learn's digits are embedded in the package, and the
+``shapes`` task is generated procedurally from a seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Task:
+    """A classification task held in memory."""
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    widths: tuple[int, ...] = (16, 32, 64)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.x_train.shape[-1])
+
+
+def load_digits_task(max_train: Optional[int] = None) -> Task:
+    """scikit-learn's 8x8 digits (1797 images), stratified 80/20 split with a fixed seed, scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = data.images.astype("float32") / 16.0
+    x_tr, x_te, y_tr, y_te = train_test_split(x, data.target, test_size=0.2, random_state=0, stratify=data.target)
+    task = Task(
+        "digits",
+        torch.from_numpy(x_tr).unsqueeze(1),
+        torch.from_numpy(y_tr).long(),
+        torch.from_numpy(x_te).unsqueeze(1),
+        torch.from_numpy(y_te).long(),
+        10,
+    )
+    return _subsample(task, max_train)
+
+
+SHAPE_CLASSES = (
+    "disk",
+    "ring",
+    "square",
+    "square_outline",
+    "triangle",
+    "plus",
+    "cross",
+    "h_stripes",
+    "v_stripes",
+    "checker",
+)
+
+
+def _shape_masks(labels: Tensor, size: int, gen: torch.Generator) -> Tensor:
+    """Soft (anti-aliased) masks in [0, 1] of one random shape per label, random position, size and angle."""
+    n = labels.numel()
+    coords = torch.arange(size, dtype=torch.float32) + 0.5
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, 1, 1, generator=gen)  # noqa: E731
+    radius = u(size * 0.2, size * 0.36)
+    cx = size / 2 + u(-size * 0.15, size * 0.15)
+    cy = size / 2 + u(-size * 0.15, size * 0.15)
+    angle = u(-math.pi / 8, math.pi / 8)
+    dx, dy = xx - cx, yy - cy
+    rx = dx * torch.cos(angle) + dy * torch.sin(angle)  # rotated frame
+    ry = -dx * torch.sin(angle) + dy * torch.cos(angle)
+    dist = torch.sqrt(dx**2 + dy**2)
+    cheb = torch.maximum(rx.abs(), ry.abs())
+    soft = lambda d: torch.clamp(0.5 - d, 0.0, 1.0)  # noqa: E731  (signed distance -> coverage)
+    width = 0.16 * radius * 2
+    period = u(3.0, 5.0)
+    phase = u(0.0, 2 * math.pi)
+    inside = soft(cheb - radius)  # a square window that bounds the textures
+    masks = {
+        "disk": soft(dist - radius),
+        "ring": soft((dist - radius * 0.75).abs() - width / 2),
+        "square": soft(cheb - radius * 0.85),
+        "square_outline": soft((cheb - radius * 0.75).abs() - width / 2),
+        "triangle": soft(torch.maximum(ry - radius * 0.6, (rx.abs() * 1.7 - (radius * 0.9 - ry)) / 2.0)),
+        "plus": soft(
+            torch.minimum(
+                torch.maximum(rx.abs() - width / 2, ry.abs() - radius),
+                torch.maximum(ry.abs() - width / 2, rx.abs() - radius),
+            )
+        ),
+        "cross": soft(
+            torch.minimum(
+                torch.maximum((rx - ry).abs() / 1.414 - width / 2, cheb - radius * 0.8),
+                torch.maximum((rx + ry).abs() / 1.414 - width / 2, cheb - radius * 0.8),
+            )
+        ),
+        "h_stripes": inside * (torch.sin(2 * math.pi * ry / period + phase) > 0).float(),
+        "v_stripes": inside * (torch.sin(2 * math.pi * rx / period + phase) > 0).float(),
+        "checker": inside
+        * ((torch.sin(2 * math.pi * rx / period + phase) * torch.sin(2 * math.pi * ry / period + phase)) > 0).float(),
+    }
+    out = torch.empty(n, size, size)
+    for k, name in enumerate(SHAPE_CLASSES):
+        sel = labels == k
+        out[sel] = masks[name][sel]
+    return out
+
+
+def make_shapes(n: int, size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``n`` images of the ``shapes`` task: 10 shape/texture classes under strong per-image nuisances.
+
+    Each image is ``offset + ramp + gain * mask + noise`` with a per-image brightness ``offset ~ U(-2, 2)``
+    (ten times the weakest contrast), a random linear illumination ramp, a contrast ``gain ~ U(0.25, 1)``
+    and white noise of standard deviation 0.25 -- i.e. a large spatial *common-mode* per image, which is what
+    MSR's zero-mean kernels claim to reject, together with noise and clutter that keep the task from saturating.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, len(SHAPE_CLASSES), (n,), generator=gen)
+    masks = _shape_masks(labels, size, gen)
+    coords = (torch.arange(size, dtype=torch.float32) - (size - 1) / 2) / size
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    offset = torch.rand(n, 1, 1, generator=gen) * 4 - 2
+    slope = (torch.rand(n, 2, generator=gen) * 2 - 1) * 1.0
+    ramp = slope[:, 0, None, None] * xx + slope[:, 1, None, None] * yy
+    gain = 0.25 + 0.75 * torch.rand(n, 1, 1, generator=gen)
+    noise = 0.25 * torch.randn(n, size, size, generator=gen)
+    images = offset + ramp + gain * masks + noise
+    return images.unsqueeze(1), labels
+
+
+def load_shapes_task(n_train: int = 1000, n_test: int = 1000, max_train: Optional[int] = None) -> Task:
+    """The generated ``shapes`` task (12x12, 10 classes): train and test drawn from disjoint seeds.
+
+    The network for it is narrower (8-16-32 channels) than for digits (16-32-64) to keep the CPU sweep affordable.
+    """
+    x_tr, y_tr = make_shapes(n_train, size=12, seed=1)
+    x_te, y_te = make_shapes(n_test, size=12, seed=2)
+    return _subsample(Task("shapes", x_tr, y_tr, x_te, y_te, len(SHAPE_CLASSES), (8, 16, 32)), max_train)
+
+
+def _subsample(task: Task, max_train: Optional[int]) -> Task:
+    if max_train is None:
+        return task
+    n_test = max(max_train // 2, 10)
+    return Task(
+        task.name,
+        task.x_train[:max_train],
+        task.y_train[:max_train],
+        task.x_test[:n_test],
+        task.y_test[:n_test],
+        task.num_classes,
+        task.widths,
+    )
+
+
+TASKS: dict[str, Callable[..., Task]] = {"digits": load_digits_task, "shapes": load_shapes_task}
+
+
+# ----------------------------------------------------------------------------------------------- network
+
+
+class ChannelAffine(nn.Module):
+    """A learnable per-channel scale and bias (what BatchNorm's affine part leaves without its statistics).
+
+    ``log_scale=True`` parametrises the scale as ``exp(s)`` as in the authors' code.
+    """
+
+    def __init__(self, channels: int, log_scale: bool = False) -> None:
+        super().__init__()
+        self.log_scale = log_scale
+        self.scale = nn.Parameter(torch.zeros(channels) if log_scale else torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.scale.exp() if self.log_scale else self.scale
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * scale.view(shape) + self.bias.view(shape)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "affine":
+        return ChannelAffine(channels)
+    if kind == "exp_affine":
+        return ChannelAffine(channels, log_scale=True)
+    if kind == "agc":
+        from lightning_msr.nn import AutomaticGainControl
+
+        return AutomaticGainControl(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"Expected a norm kind in ('bn', 'affine', 'exp_affine', 'agc', 'none'), but got {kind!r}.")
+
+
+def vgg_small(
+    image_size: int, num_classes: int, norm: str = "bn", widths: tuple[int, ...] = (16, 32, 64)
+) -> nn.Sequential:
+    """A small VGG-style CNN: ``log2(image_size) - 1`` stages of two 3x3 convs + max-pool, then GAP and a linear head.
+
+    ``norm`` is the layer after every conv: ``"bn"`` (BatchNorm2d), ``"affine"``/``"exp_affine"`` (a learnable
+    per-channel scale and bias, no statistics) or ``"none"``. Convs carry a bias only when ``norm="none"``.
+    """
+    stages = max(1, round(math.log2(image_size)) - 1)
+    layers: list[nn.Module] = []
+    cin = 1
+    for s in range(stages):
+        cout = widths[min(s, len(widths) - 1)]
+        for _ in range(2):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU()]
+            cin = cout
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+# ----------------------------------------------------------------------------------------------- methods
+
+
+def is_placeholder(cls: type) -> bool:
+    """True while another helper's class is still the placeholder stub (no real constructor)."""
+    return (
+        "placeholder" in (cls.__doc__ or "").lower()
+        or cls.__init__ is object.__init__
+        or (len(inspect.signature(cls.__init__).parameters) <= 1 and "Placeholder" in (cls.__doc__ or ""))
+    )
+
+
+@dataclass
+class MethodSpec:
+    """A parsed ``--methods`` entry such as ``msr_affine_noise[init_magnitude=2,noise_scale=0.1]``."""
+
+    text: str
+    base: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+BASE_METHODS = {
+    # name: (layer after every conv, MeanShiftRejection?, NoiseInjection?)
+    "batchnorm": ("bn", False, False),
+    "none": ("none", False, False),
+    "msr": ("none", True, False),
+    "msr_noise": ("none", True, True),
+    "msr_affine": ("affine", True, False),
+    "msr_affine_noise": ("affine", True, True),
+    "affine": ("affine", False, False),
+    # Deep Control: AutomaticGainControl (default arguments, as DeepControl() inserts it in place of BatchNorm)
+    # after every conv, built directly so that the rows do not depend on the callback's surgery
+    "agc": ("agc", False, False),
+    "msr_agc": ("agc", True, False),
+    "msr_agc_noise": ("agc", True, True),
+}
+
+# option -> (type, where it goes)
+OPTIONS: dict[str, type] = {
+    "init_magnitude": float,
+    "alpha": float,
+    "mode": str,
+    "msr_exclude": str,
+    "noise_scale": float,
+    "noise_shift": float,
+    "noise_position": str,
+    "noise_schedule": str,
+    "warmup": float,
+    "norm": str,
+    "wd": float,
+    "momentum": float,
+}
+
+
+# where the noise goes: at the conv outputs (the paper), after the per-channel affine, or after the ReLU
+NOISE_POSITIONS = {"conv": "Conv2d", "affine": "_accuracy_models.ChannelAffine", "relu": "ReLU"}
+
+
+def parse_method(text: str) -> MethodSpec:
+    """Parse ``name[key=value,...]`` into a :class:`MethodSpec` (raises ``ValueError`` for unknown names)."""
+    text = text.strip()
+    base, _, rest = text.partition("[")
+    if base not in BASE_METHODS:
+        raise ValueError(f"Expected a method in {sorted(BASE_METHODS)}, but got {base!r}.")
+    options: dict[str, Any] = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise ValueError(f"Expected `name[key=value,...]`, but got {text!r}.")
+        for item in filter(None, rest[:-1].split(";" if ";" in rest else ",")):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if key not in OPTIONS:
+                raise ValueError(f"Expected an option in {sorted(OPTIONS)}, but got {key!r} in {text!r}.")
+            options[key] = OPTIONS[key](value.strip())
+    return MethodSpec(text, base, options)
+
+
+def build(spec: MethodSpec, task: Task, seed: int) -> tuple[nn.Module, list, dict[str, Any]]:
+    """The network, the callbacks and the training overrides (``warmup``, ``wd``, ``momentum``) of a method."""
+    import lightning_msr
+
+    norm, msr, noise = BASE_METHODS[spec.base]
+    norm = spec.options.get("norm", norm)
+    torch.manual_seed(seed)
+    model = vgg_small(task.image_size, task.num_classes, norm=norm, widths=task.widths)
+    callbacks: list = []
+    if msr:
+        kwargs = {k: spec.options[k] for k in ("init_magnitude", "alpha", "mode") if k in spec.options}
+        if "msr_exclude" in spec.options:  # e.g. "model.0" keeps the first conv free to see the input's mean
+            kwargs["exclude"] = spec.options["msr_exclude"].split("|")
+        callbacks.append(lightning_msr.MeanShiftRejection(seed=seed, batchnorm="error", **kwargs))
+    if noise:
+        if is_placeholder(lightning_msr.NoiseInjection):
+            raise NotImplementedError("lightning_msr.NoiseInjection is still a placeholder")
+        params = inspect.signature(lightning_msr.NoiseInjection.__init__).parameters
+        kwargs: dict[str, Any] = {}
+        for opt, arg in (("noise_scale", "scale"), ("noise_shift", "shift"), ("noise_schedule", "schedule")):
+            if opt in spec.options:
+                kwargs[arg] = spec.options[opt]
+        if kwargs.get("schedule", "constant") != "constant":  # decay to zero by the end of training
+            kwargs["final_scale"], kwargs["final_shift"] = 0.0, 0.0
+        if "noise_position" in spec.options:
+            kwargs["module_types"] = [NOISE_POSITIONS[spec.options["noise_position"]]]
+        if "seed" in params:
+            kwargs["seed"] = seed
+        callbacks.append(lightning_msr.NoiseInjection(**kwargs))
+    overrides = {k: spec.options[k] for k in ("warmup", "wd", "momentum") if k in spec.options}
+    return model, callbacks, overrides
+
+
+def has_norm_layer(model: nn.Module) -> bool:
+    """Whether any normalisation layer (with batch or sample statistics) is left in ``model``."""
+    kinds = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    return any(isinstance(m, kinds) for m in model.modules())
