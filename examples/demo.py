@@ -7,8 +7,8 @@ Trains :class:`examples.digits.model.SmallCNN` at each batch size with
   callback: what the network does without BatchNorm and without MSR;
 * **MSR + noise** -- the *same* ``SmallCNN(norm="batchnorm")`` as the BatchNorm run, with the callbacks
   ``MeanShiftRejection(batchnorm="replace", init_magnitude=1.414)`` (which swaps each BatchNorm for its
-  per-channel scale and bias at fit setup, then keeps every conv kernel zero-mean) and ``NoiseInjection(scale=0.1, shift=0.1)``: no batch
-  statistics anywhere, and no change to the LightningModule,
+  per-channel scale and bias at fit setup, then keeps every conv kernel zero-mean) and
+  ``NoiseInjection(scale=0.1, shift=0.1)``: no batch statistics anywhere, and no change to the LightningModule,
 
 then prints a table (test accuracy, epochs, wall time) and writes ``results.md``, ``results.csv`` and
 ``accuracy_vs_batch_size.png`` into ``--out``.

@@ -360,3 +360,11 @@ def test_layers_built_in_configure_model_are_initialised(tmp_path):
         trainer(tmp_path, max_steps=2, callbacks=[MeanShiftRejection(), recorder]).fit(model, loader())
     assert float(mean_shift(recorder.at_fit_start["features.0.weight"])) < 1e-6
     assert worst_mean_shift(model) < 1e-5
+
+
+def test_barebones_trainer_trains_without_logging(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet("adam")
+    trainer(tmp_path, max_epochs=1, barebones=True, logger=None, enable_checkpointing=None, enable_progress_bar=None,
+            enable_model_summary=None, callbacks=[MeanShiftRejection()]).fit(model, loader())
+    assert worst_mean_shift(model) < 1e-5

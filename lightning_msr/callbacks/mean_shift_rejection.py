@@ -446,7 +446,7 @@ class MeanShiftRejection(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._layouts:
+        if not self._layouts or getattr(trainer, "barebones", False):  # barebones Trainers disable `self.log`
             return
         connector = getattr(trainer, "_logger_connector", None)
         if connector is not None and not connector.should_update_logs:
