@@ -91,8 +91,9 @@ class MeanShiftRejection(Callback):
       Trainer's logging interval.
 
     The projection is linear, so where it is exact to do so (``alpha == 1``) it runs during backward, in a
-    post-accumulate-grad hook of every kernel while its gradient is still in cache: before DDP's all-reduce
-    and between accumulation micro-steps, which gives the same gradients as projecting afterwards. With
+    post-accumulate-grad hook of every kernel as soon as its gradient exists, overlapping with the rest of
+    backward and DDP's bucketed all-reduce: before the all-reduce and between accumulation micro-steps, which
+    gives the same gradients as projecting afterwards. With
     ``alpha < 1`` it runs in ``on_before_optimizer_step`` (after the all-reduce, after AMP unscaling, after
     the last accumulation micro-step and before the Trainer's gradient clipping).
 
