@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Optional
 
 from lightning_msr.exceptions import MSRConfigurationError
 
@@ -50,6 +50,13 @@ def _check_bool(name: str, value: Any, *, allow_none: bool = False) -> Any:
     if not isinstance(value, bool):
         allowed = "True, False or None" if allow_none else "True or False"
         raise MSRConfigurationError(f"Expected `{name}` to be {allowed}, but got {value!r}.")
+    return value
+
+
+def _check_seed(name: str, value: Any) -> Optional[int]:
+    """Check that ``value`` is an integer seed or None."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise MSRConfigurationError(f"Expected `{name}` to be an integer or None, but got {value!r}.")
     return value
 
 

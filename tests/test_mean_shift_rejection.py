@@ -330,7 +330,7 @@ def test_sharded_strategies_are_refused():
         ({"projection_timing": "backward", "alpha": 0.5}, r"'backward' with alpha=0.5: a weighted mean"),
         ({"exclude": [""]}, r"Expected `exclude` to be a list of module-name patterns"),
         ({"strict": None}, r"Expected `strict` to be True or False, but got None"),
-        ({"seed": 1.5}, r"Expected `seed` to be an int or None, but got 1.5"),
+        ({"seed": 1.5}, r"Expected `seed` to be an integer or None, but got 1.5"),
     ],
 )
 def test_argument_errors(kwargs, match):

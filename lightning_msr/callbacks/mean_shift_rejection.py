@@ -20,7 +20,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_msr._checks import _check_bool, _check_choice, _check_in_range, _check_names, _check_positive
+from lightning_msr._checks import (
+    _check_bool,
+    _check_choice,
+    _check_in_range,
+    _check_names,
+    _check_positive,
+    _check_seed,
+)
 from lightning_msr.callbacks.deep_control import _runs_in_worker_processes
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.functional import (
@@ -180,9 +187,7 @@ class MeanShiftRejection(Callback):
             )
         self._exclude = _check_names("exclude", exclude)
         self._strict = _check_bool("strict", strict)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise MSRConfigurationError(f"Expected `seed` to be an int or None, but got {seed!r}.")
-        self._seed = seed
+        self._seed = _check_seed("seed", seed)
 
         # model-dependent state, filled at setup
         self._weights: Optional[list[KernelWeight]] = None

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_msr._checks import _check_choice, _check_names
+from lightning_msr._checks import _check_choice, _check_names, _check_seed
 from lightning_msr.exceptions import MSRConfigurationError
 from lightning_msr.noise import Distribution, _channel_noise, _check_noise_levels
 
@@ -72,12 +72,6 @@ def _check_module_types(value: Any) -> tuple[str, ...]:
             f"for {list(_DEFAULT_MODULE_TYPES)}, but got {value!r}. Use ['Module'] to select modules by name only."
         )
     return names
-
-
-def _check_seed(value: Any) -> Optional[int]:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise MSRConfigurationError(f"Expected `seed` to be an integer or None, but got {value!r}.")
-    return value
 
 
 def _stream_seed(base_seed: int, rank: int, batch: int, slot: int) -> int:
@@ -210,7 +204,7 @@ class NoiseInjection(Callback):
                 "module_names=['encoder.block*']."
             )
         self._exclude = _check_names("exclude", exclude)
-        self._seed = _check_seed(seed)
+        self._seed = _check_seed("seed", seed)
 
         # Model-dependent state, set at fit setup.
         self._handles: list[RemovableHandle] = []

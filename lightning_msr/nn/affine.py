@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_msr._checks import _check_bool
 from lightning_msr.exceptions import MSRConfigurationError
 
 __all__ = ["ChannelAffine", "channel_affine"]
@@ -160,8 +161,7 @@ class ChannelAffine(nn.Module):
     ) -> None:
         super().__init__()
         self.num_features = _check_num_features(num_features)
-        if not isinstance(bias, bool):
-            raise MSRConfigurationError(f"Expected `bias` to be True or False, but got {bias!r}.")
+        _check_bool("bias", bias)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(num_features, **factory))
         if bias:

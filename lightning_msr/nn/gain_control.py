@@ -36,6 +36,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_msr._checks import _check_bool
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.nn.affine import (
     _check_finite,
@@ -154,8 +155,7 @@ class AutomaticGainControl(nn.Module):
         self.num_features = _check_num_features(num_features)
         self.beta_init = _check_finite("beta_init", beta_init)
         self.gain_init = _check_finite("gain_init", gain_init)
-        if not isinstance(bias, bool):
-            raise MSRConfigurationError(f"Expected `bias` to be True or False, but got {bias!r}.")
+        _check_bool("bias", bias)
         factory = {"device": device, "dtype": dtype}
         self.gain = nn.Parameter(torch.empty(num_features, **factory))
         self.beta = nn.Parameter(torch.empty(num_features, **factory))
