@@ -157,6 +157,11 @@ def find_batchnorm(module: nn.Module, exclude: Optional[Sequence[str]] = None) -
     }
 
 
+def _shown(names: Sequence[str], limit: int = 5) -> str:
+    """``'a', 'b', ...``: the first ``limit`` module names for an error or warning (the root shown as <root>)."""
+    return ", ".join(repr(n or "<root>") for n in names[:limit]) + (", ..." if len(names) > limit else "")
+
+
 def replace_batchnorm(
     module: nn.Module,
     replacement: Replacement = "affine",

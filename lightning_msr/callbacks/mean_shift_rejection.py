@@ -40,7 +40,7 @@ from lightning_msr.functional import (
     project_mean_,
     zero_mean_init_,
 )
-from lightning_msr.surgery import replace_batchnorm
+from lightning_msr.surgery import _shown, find_batchnorm, replace_batchnorm
 
 _INITS = ("zero_mean", "center", "none")
 _BATCHNORM = ("error", "warn", "replace")
@@ -49,7 +49,6 @@ _MODES = ("kernel", "filter")
 # Optimizers whose update is linear in the gradient (given their buffers): a zero-mean gradient gives a
 # zero-mean update, so the weights stay on the isocline with no re-centring.
 _LINEAR_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD, torch.optim.ASGD)
-_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 # A model whose kernels are all this close to zero mean is taken to be initialised (or trained) with MSR.
 _ALREADY_CENTRED = 1e-4
 # Set on a model once it has been initialised, so that no second fit (or second callback) redraws it.
@@ -250,10 +249,10 @@ class MeanShiftRejection(Callback):
         self._initialize(trainer, pl_module)
 
     def _handle_batchnorm(self, pl_module: nn.Module) -> None:
-        names = [name for name, m in pl_module.named_modules() if isinstance(m, _BATCHNORM_TYPES)]
+        names = list(find_batchnorm(pl_module))
         if not names:
             return
-        shown = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+        shown = _shown(names)
         if self._batchnorm == "error":
             raise MSRConfigurationError(
                 f"MeanShiftRejection(batchnorm='error'): the model still contains {len(names)} BatchNorm "

@@ -38,6 +38,7 @@ from typing_extensions import override
 
 from lightning_msr._checks import _check_bool
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
+from lightning_msr.surgery import _shown, find_batchnorm
 
 __all__ = ["MSRDDPStrategy"]
 
@@ -45,7 +46,6 @@ __all__ = ["MSRDDPStrategy"]
 # initial sync that always includes the buffers. Older torch skips the buffers in the initial sync as well when
 # `broadcast_buffers=False`, so the strategy broadcasts them once itself.
 _DDP_HAS_FORWARD_SYNC_BUFFERS = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
-_BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm*
 _REGISTERED_NAMES = (("ddp_msr", "popen"), ("ddp_msr_spawn", "spawn"))
 
 _SYNC_BATCHNORM_MESSAGE = (
@@ -265,10 +265,10 @@ def _same_class(registered: Any, cls: type) -> bool:
 
 
 def _refuse_batchnorm(model: nn.Module) -> None:
-    names = [name or "<root>" for name, module in model.named_modules() if isinstance(module, _BATCHNORM_TYPES)]
+    names = list(find_batchnorm(model))
     if not names:
         return
-    shown = ", ".join(repr(n) for n in names[:5]) + (", ..." if len(names) > 5 else "")
+    shown = _shown(names)
     raise MSRConfigurationError(
         f"MSRDDPStrategy ('ddp_msr') does not synchronise BatchNorm, but the model still contains {len(names)} "
         f"BatchNorm layer(s) ({shown}) as fitting starts. Each rank would normalise with the statistics of its own "
