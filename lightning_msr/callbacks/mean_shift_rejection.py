@@ -194,6 +194,8 @@ class MeanShiftRejection(Callback):
         self._grad_handles: dict[int, RemovableHandle] = {}
         self._step_handles: list[RemovableHandle] = []
         self._recenter_optimizers: set[int] = set()
+        self._optimizer_params: dict[int, tuple[int, list[tuple[nn.Parameter, _Groups]]]] = {}
+        self._frozen: list[int] = []  # kernels without a backward hook yet because they do not require grad
         self._project_in_backward = False
         self._model_ref: Optional[weakref.ReferenceType] = None
         self._deferred = False
@@ -378,6 +380,7 @@ class MeanShiftRejection(Callback):
             )
         self._project_in_backward = self._choose_backward(trainer)
         self._recenter_optimizers = set()
+        self._optimizer_params = {}
         for optimizer in trainer.optimizers:
             if self._needs_recentering(optimizer, clip_by_value):
                 self._recenter_optimizers.add(id(optimizer))
@@ -400,10 +403,13 @@ class MeanShiftRejection(Callback):
             return False
         return clip_by_value or not isinstance(optimizer, _LINEAR_OPTIMIZERS)
 
-    def _register_grad_hooks(self) -> None:
-        for key, (param, layout, _) in self._layouts.items():
-            if key in self._grad_handles or not param.requires_grad:
-                continue  # frozen now: picked up in on_train_batch_start once unfrozen
+    def _register_grad_hooks(self, keys: Optional[list[int]] = None) -> None:
+        self._frozen = []
+        for key in self._layouts if keys is None else keys:
+            param, layout, _ = self._layouts[key]
+            if not param.requires_grad:
+                self._frozen.append(key)  # picked up in on_train_batch_start once unfrozen
+                continue
 
             def hook(p: Tensor, layout: _Groups = layout) -> None:
                 if p.grad is not None:
@@ -417,8 +423,8 @@ class MeanShiftRejection(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # parameters unfrozen since the last batch (e.g. by BackboneFinetuning) come under projection
-        if self._project_in_backward and len(self._grad_handles) < len(self._layouts):
-            self._register_grad_hooks()
+        if self._frozen and any(self._layouts[key][0].requires_grad for key in self._frozen):
+            self._register_grad_hooks(self._frozen)
 
     @override
     def on_before_optimizer_step(
@@ -432,12 +438,19 @@ class MeanShiftRejection(Callback):
                     _project_one_(param.grad, layout, self._alpha)
 
     def _params_of(self, optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, _Groups]]:
-        found = []
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                entry = self._layouts.get(id(param))
-                if entry is not None:
-                    found.append((param, entry[1]))
+        """The kernels ``optimizer`` steps, with their groups: built once, rebuilt only when a param group is added
+        (e.g. by ``BackboneFinetuning``), so a step does not walk every parameter of the model."""
+        groups = optimizer.param_groups
+        cached = self._optimizer_params.get(id(optimizer))
+        if cached is not None and cached[0] == len(groups):
+            return cached[1]
+        found = [
+            (param, self._layouts[id(param)][1])
+            for group in groups
+            for param in group["params"]
+            if id(param) in self._layouts
+        ]
+        self._optimizer_params[id(optimizer)] = (len(groups), found)
         return found
 
     def _recenter_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -469,6 +482,7 @@ class MeanShiftRejection(Callback):
             handle.remove()
         self._grad_handles = {}
         self._step_handles = []
+        self._frozen = []
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
