@@ -344,6 +344,16 @@ class KernelWeight:
         transposed: the module is a ``ConvTransposeNd``.
         groups: the module's ``groups`` (1 for Linear).
         centrable: ``False`` when its kernel groups have a single element (never projected).
+
+    Example::
+
+        >>> from torch import nn
+        >>> from lightning_msr.functional import eligible_weights, mean_shift
+        >>> (up,) = eligible_weights(nn.Sequential(nn.ConvTranspose2d(4, 6, 2, groups=2)))
+        >>> up.name, up.transposed, up.groups, up.centrable
+        ('0.weight', True, 2, True)
+        >>> float(mean_shift(up.parameter, **up.layout_kwargs())) > 0
+        True
     """
 
     name: str
