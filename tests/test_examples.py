@@ -222,17 +222,21 @@ def test_cifar10_cli_end_to_end_with_msr_config(fake_cifar10, tmp_path):
     from examples.cifar10.main import cli_main
 
     config = ROOT / "examples" / "cifar10" / "config_msr.yaml"
+    # the fixture's data and a CPU Trainer, for both runs below
+    common = [
+        f"--config={config}",
+        f"--data.data_dir={fake_cifar10}",
+        "--data.download=false",
+        "--data.val_size=4",
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+    ]
     cli = cli_main(
         [
             "fit",
-            f"--config={config}",
-            f"--data.data_dir={fake_cifar10}",
-            "--data.download=false",
-            "--data.val_size=4",
-            "--data.batch_size=4",
-            "--data.num_workers=0",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
+            *common,
             "--trainer.max_epochs=1",
             "--trainer.limit_train_batches=2",
             "--trainer.limit_val_batches=1",
@@ -263,15 +267,8 @@ def test_cifar10_cli_end_to_end_with_msr_config(fake_cifar10, tmp_path):
     tested = cli_main(
         [
             "test",
-            f"--config={config}",
+            *common,
             f"--ckpt_path={checkpoint}",
-            f"--data.data_dir={fake_cifar10}",
-            "--data.download=false",
-            "--data.val_size=4",
-            "--data.batch_size=4",
-            "--data.num_workers=0",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
             "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={tmp_path / 'test'}",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'test'}",
