@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_msr import MeanShiftRejection, MSRConfigurationError, MSRWarning
-from lightning_msr.functional import eligible_weights, mean_shift
+from lightning_msr.functional import _filter_norms, eligible_weights, mean_shift
 
 
 def worst_mean_shift(model: nn.Module) -> float:
@@ -241,6 +241,72 @@ def test_resumed_fit_continues_from_checkpoint_weights(tmp_path):
     assert cb.state_dict()["initialized"] is True
 
 
+def filter_norms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Per-output-filter norms of every kernel MSR acts on (ConvTranspose: over dims 0 and 2.., per group)."""
+    out = {}
+    for w in eligible_weights(model):
+        if w.centrable:
+            out[w.name] = _filter_norms(w.parameter.detach(), "kernel", w.transposed, w.groups).flatten()
+    return out
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_nesterov_wd", "adamw"])
+def test_keep_magnitude_holds_every_filter_norm(tmp_path, optimizer):
+    L.seed_everything(0)
+    model = ConvNet(optimizer)
+    recorder = WeightRecorder()
+    cb = MeanShiftRejection(init_magnitude=1.5, keep_magnitude=True)
+    trainer(tmp_path, max_epochs=3, callbacks=[cb, recorder]).fit(model, loader(64))
+    after = filter_norms(model)
+    for name, norms in after.items():
+        torch.testing.assert_close(norms, torch.full_like(norms, 1.5), rtol=1e-5, atol=0)
+        assert not torch.equal(model.get_parameter(name), recorder.at_fit_start[name])  # it did train
+    assert worst_mean_shift(model) < 1e-5
+
+
+def test_without_keep_magnitude_filter_norms_drift(tmp_path):
+    """The contrast for the test above: plain MSR keeps the mean, not the norm."""
+    L.seed_everything(0)
+    model = ConvNet("sgd_nesterov_wd")
+    trainer(tmp_path, max_epochs=3, callbacks=[MeanShiftRejection(init_magnitude=1.5)]).fit(model, loader(64))
+    drift = max(float((norms - 1.5).abs().max()) for norms in filter_norms(model).values())
+    assert drift > 1e-3
+
+
+def test_keep_magnitude_keeps_the_norms_found_at_fit_start(tmp_path):
+    """``init="center"`` (a pretrained model): each filter keeps its own norm; frozen kernels are untouched."""
+    L.seed_everything(0)
+    model = ConvNet("sgd_momentum")
+    model.features[8].weight.requires_grad_(False)
+    recorder = WeightRecorder()
+    cb = MeanShiftRejection(init="center", keep_magnitude=True)
+    trainer(tmp_path, max_epochs=2, callbacks=[cb, recorder]).fit(model, loader(64))
+    start = filter_norms(model)
+    for name in start:
+        weight = recorder.at_fit_start[name]
+        w = next(w for w in eligible_weights(model) if w.name == name)
+        expected = _filter_norms(weight, "kernel", w.transposed, w.groups).flatten()
+        torch.testing.assert_close(start[name], expected, rtol=1e-5, atol=1e-7)
+        assert len(expected.unique()) > 1  # pretrained-like: the norms differ from filter to filter
+    assert torch.equal(model.features[8].weight, recorder.at_fit_start["features.8.weight"])
+
+
+def test_keep_magnitude_with_accumulation_and_resume(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet("sgd_momentum")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb = MeanShiftRejection(keep_magnitude=True)
+    trainer(tmp_path, max_epochs=1, accumulate_grad_batches=2, enable_checkpointing=True, callbacks=[cb, ckpt]).fit(
+        model, loader(64)
+    )
+    resumed = ConvNet("sgd_momentum")
+    trainer(tmp_path, max_epochs=2, callbacks=[MeanShiftRejection(keep_magnitude=True)]).fit(
+        resumed, loader(64), ckpt_path=ckpt.last_model_path
+    )
+    for norms in filter_norms(resumed).values():
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-5, atol=0)
+
+
 def test_init_center_and_none(tmp_path):
     L.seed_everything(0)
     model = ConvNet()
@@ -330,6 +396,7 @@ def test_sharded_strategies_are_refused():
         ({"projection_timing": "backward", "alpha": 0.5}, r"'backward' with alpha=0.5: a weighted mean"),
         ({"exclude": [""]}, r"Expected `exclude` to be a list of module-name patterns"),
         ({"strict": None}, r"Expected `strict` to be True or False, but got None"),
+        ({"keep_magnitude": "yes"}, r"Expected `keep_magnitude` to be True or False, but got 'yes'"),
         ({"seed": 1.5}, r"Expected `seed` to be an integer or None, but got 1.5"),
     ],
 )

@@ -32,6 +32,7 @@ from lightning_msr.callbacks.deep_control import _runs_in_worker_processes
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.functional import (
     KernelWeight,
+    _filter_norms,
     _Groups,
     _groups,
     _project_one_,
@@ -93,6 +94,10 @@ class MeanShiftRejection(Callback):
       Nesterov and weight decay keeps the kernels on the zero-mean isocline;
     * after the step of an optimizer whose update is not linear in the gradient (Adam, AdamW, RMSprop,
       Adagrad, ...) it re-centres the updated kernels, which SGD does not need;
+    * with ``keep_magnitude=True``, after every optimizer step it rescales each updated output filter back to
+      the Euclidean norm it had at fit start (``init_magnitude`` after a fresh zero-mean init), so the weights
+      stay on the intersection of the zero-mean isocline and a sphere: the per-filter gain that follows the conv
+      carries the scale, as in BatchNorm networks, and large learning rates can no longer blow the filters up;
     * it logs ``msr/mean_shift``, the worst layer's :func:`~lightning_msr.functional.mean_shift`, at the
       Trainer's logging interval.
 
@@ -117,6 +122,9 @@ class MeanShiftRejection(Callback):
         recenter: re-centre the kernels after each optimizer step. ``None`` (default) does it for optimizers
             whose update is not linear in the gradient, and when gradients are clipped by value, if
             ``alpha == 1``; ``True``/``False`` force it on or off for every optimizer.
+        keep_magnitude: after every optimizer step, rescale each output filter that the step updated back to its
+            norm at fit start (the weight stays zero-mean). Meant for networks with a learnable per-channel gain
+            after each conv (``batchnorm="replace"`` leaves one); see the settings guide for when it helps.
         projection_timing: ``"auto"``, ``"backward"`` (project in each kernel's post-accumulate-grad hook;
             exact for ``alpha == 1`` only) or ``"optimizer_step"`` (project in ``on_before_optimizer_step``).
         exclude: module-name patterns (``fnmatch`` syntax, e.g. ``["stem.*", "head"]``) left untouched.
@@ -164,6 +172,7 @@ class MeanShiftRejection(Callback):
         batchnorm: Literal["error", "warn", "replace"] = "warn",
         mode: Literal["kernel", "filter"] = "kernel",
         recenter: Optional[bool] = None,
+        keep_magnitude: bool = False,
         projection_timing: Literal["auto", "backward", "optimizer_step"] = "auto",
         exclude: Optional[list[str]] = None,
         strict: bool = False,
@@ -177,6 +186,7 @@ class MeanShiftRejection(Callback):
         self._batchnorm = _check_choice("batchnorm", batchnorm, _BATCHNORM)
         self._mode = _check_choice("mode", mode, _MODES)
         self._recenter = _check_bool("recenter", recenter, allow_none=True)
+        self._keep_magnitude = _check_bool("keep_magnitude", keep_magnitude)
         self._timing = _check_choice("projection_timing", projection_timing, _TIMINGS)
         if self._timing == "backward" and self._alpha != 1.0:
             raise MSRConfigurationError(
@@ -194,6 +204,8 @@ class MeanShiftRejection(Callback):
         self._grad_handles: dict[int, RemovableHandle] = {}
         self._step_handles: list[RemovableHandle] = []
         self._recenter_optimizers: set[int] = set()
+        # keep_magnitude: per-filter norms captured at fit start, with the weight's (transposed, groups)
+        self._target_norms: dict[int, tuple[Tensor, bool, int]] = {}
         self._optimizer_params: dict[int, tuple[int, list[tuple[nn.Parameter, _Groups]]]] = {}
         self._frozen: list[int] = []  # kernels without a backward hook yet because they do not require grad
         self._project_in_backward = False
@@ -229,7 +241,7 @@ class MeanShiftRejection(Callback):
             f"{type(self).__name__}(alpha={self._alpha}, init={self._init!r}, "
             f"init_magnitude={self._init_magnitude}, include_linear={self._include_linear}, "
             f"batchnorm={self._batchnorm!r}, mode={self._mode!r}, recenter={self._recenter}, "
-            f"projection_timing={self._timing!r})"
+            f"keep_magnitude={self._keep_magnitude}, projection_timing={self._timing!r})"
         )
 
     # ------------------------------------------------------------------ setup: surgery and initialisation
@@ -381,10 +393,13 @@ class MeanShiftRejection(Callback):
         self._project_in_backward = self._choose_backward(trainer)
         self._recenter_optimizers = set()
         self._optimizer_params = {}
+        # after restoring a checkpoint and DDP's broadcast: the norms every rank keeps are identical
+        self._target_norms = self._capture_norms() if self._keep_magnitude else {}
         for optimizer in trainer.optimizers:
             if self._needs_recentering(optimizer, clip_by_value):
                 self._recenter_optimizers.add(id(optimizer))
-                self._step_handles.append(optimizer.register_step_post_hook(self._recenter_after_step))
+            if id(optimizer) in self._recenter_optimizers or self._keep_magnitude:
+                self._step_handles.append(optimizer.register_step_post_hook(self._after_step))
         if self._project_in_backward:
             self._register_grad_hooks()
 
@@ -453,11 +468,32 @@ class MeanShiftRejection(Callback):
         self._optimizer_params[id(optimizer)] = (len(groups), found)
         return found
 
-    def _recenter_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _capture_norms(self) -> dict[int, tuple[Tensor, bool, int]]:
+        with torch.no_grad():
+            return {
+                id(w.parameter): (
+                    _filter_norms(w.parameter.detach().float(), self._mode, w.transposed, w.groups).clone(),
+                    w.transposed,
+                    w.groups,
+                )
+                for w in self._weights or []
+            }
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        recenter = id(optimizer) in self._recenter_optimizers
         with torch.no_grad():
             for param, layout in self._params_of(optimizer):
-                if param.grad is not None:  # only what this step updated; frozen kernels are left alone
+                if param.grad is None:  # only what this step updated; frozen kernels are left alone
+                    continue
+                if recenter:
                     _project_one_(param.data, layout, 1.0)
+                kept = self._target_norms.get(id(param))
+                if kept is not None:
+                    target, transposed, groups = kept
+                    norms = _filter_norms(param.data.float(), self._mode, transposed, groups)
+                    # a filter that was all zero at fit start has no direction to keep: leave it free
+                    ratio = torch.where(target > 0, target / norms.clamp(min=torch.finfo(norms.dtype).tiny), 1.0)
+                    param.data.mul_(ratio.to(param.dtype))
 
     # ------------------------------------------------------------------ logging
     @override
