@@ -262,8 +262,15 @@ BASE_METHODS = {
     "msr_agc_noise": ("agc", True, True),
 }
 
-# option -> (type, where it goes)
-OPTIONS: dict[str, type] = {
+def _flag(name: str, value: str) -> bool:
+    flags = {"1": True, "true": True, "0": False, "false": False}
+    if value.lower() not in flags:
+        raise ValueError(f"Expected `{name}` to be one of {sorted(flags)}, but got {value!r}.")
+    return flags[value.lower()]
+
+
+# option -> how its value is parsed
+OPTIONS: dict[str, Callable[[str], Any]] = {
     "init_magnitude": float,
     "alpha": float,
     "mode": str,
@@ -276,6 +283,10 @@ OPTIONS: dict[str, type] = {
     "norm": str,
     "wd": float,
     "momentum": float,
+    "keep_magnitude": lambda v: _flag("keep_magnitude", v),
+    "lsuv": float,
+    "conv_lr": float,
+    "clip": float,
 }
 
 
@@ -312,7 +323,8 @@ def build(spec: MethodSpec, task: Task, seed: int) -> tuple[nn.Module, list, dic
     model = vgg_small(task.image_size, task.num_classes, norm=norm, widths=task.widths)
     callbacks: list = []
     if msr:
-        kwargs = {k: spec.options[k] for k in ("init_magnitude", "alpha", "mode") if k in spec.options}
+        names = ("init_magnitude", "alpha", "mode", "keep_magnitude")
+        kwargs = {k: spec.options[k] for k in names if k in spec.options}
         if "msr_exclude" in spec.options:  # e.g. "model.0" keeps the first conv free to see the input's mean
             kwargs["exclude"] = spec.options["msr_exclude"].split("|")
         callbacks.append(lightning_msr.MeanShiftRejection(seed=seed, batchnorm="error", **kwargs))
@@ -331,8 +343,34 @@ def build(spec: MethodSpec, task: Task, seed: int) -> tuple[nn.Module, list, dic
         if "seed" in params:
             kwargs["seed"] = seed
         callbacks.append(lightning_msr.NoiseInjection(**kwargs))
-    overrides = {k: spec.options[k] for k in ("warmup", "wd", "momentum") if k in spec.options}
+    if spec.options.get("lsuv"):
+        _lsuv(model, task, seed, spec.options.get("init_magnitude", 1.0), int(spec.options["lsuv"]))
+    overrides = {k: spec.options[k] for k in ("warmup", "wd", "momentum", "conv_lr", "clip") if k in spec.options}
     return model, callbacks, overrides
+
+
+@torch.no_grad()
+def _lsuv(model: nn.Module, task: Task, seed: int, magnitude: float, mode: int) -> None:
+    """Data-dependent scaling after ZMI (LSUV-like): scale each conv -- ``mode`` 1: as a whole, 2: per filter -- so
+    that its output has unit RMS on 256 training images. The kernels stay zero-mean, so the callback keeps them."""
+    import lightning_msr.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for c in convs:
+        F.zero_mean_init_(c.weight, magnitude=magnitude, generator=gen)
+    x = task.x_train[torch.randperm(len(task.x_train), generator=gen)[:256]]
+    out: dict[str, Tensor] = {}
+    for c in convs:
+        handle = c.register_forward_hook(lambda m, i, o: out.__setitem__("y", o))
+        model(x)
+        handle.remove()
+        y = out["y"]
+        rms = y.pow(2).mean() if mode == 1 else y.pow(2).mean(dim=(0, 2, 3))
+        scale = rms.sqrt().clamp_min(1e-8).reciprocal()
+        c.weight.mul_(scale.view(-1, 1, 1, 1) if mode == 2 else scale)
+        if c.bias is not None:
+            c.bias.mul_(scale)
 
 
 def has_norm_layer(model: nn.Module) -> bool:

@@ -73,11 +73,13 @@ class Classifier(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         warmup: float = 0.0,
+        conv_lr: float = 1.0,
     ) -> None:
         super().__init__()
         self.model = model
         self.lr, self.total_steps, self.momentum, self.weight_decay = lr, total_steps, momentum, weight_decay
         self.warmup_steps = round(warmup * total_steps)
+        self.conv_lr = conv_lr
         self.diverged = False
         self.epoch_losses: list[float] = []
         self._sum, self._count = 0.0, 0
@@ -104,7 +106,11 @@ class Classifier(L.LightningModule):
             self.epoch_losses.append(self._sum / self._count)
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        conv = [m.weight for m in self.modules() if isinstance(m, nn.Conv2d)]
+        ids = {id(p) for p in conv}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        groups = [{"params": rest}, {"params": conv, "lr": self.lr * self.conv_lr}]
+        opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
         warm, total = self.warmup_steps, max(self.total_steps, 1)
 
         def factor(step: int) -> float:
@@ -160,6 +166,7 @@ def run_one(task: Any, method: str, batch_size: int, lr: float, seed: int, epoch
         momentum=overrides.get("momentum", 0.9),
         weight_decay=overrides.get("wd", 5e-4),
         warmup=overrides.get("warmup", 0.0),
+        conv_lr=overrides.get("conv_lr", 1.0),
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -173,6 +180,7 @@ def run_one(task: Any, method: str, batch_size: int, lr: float, seed: int, epoch
         num_sanity_val_steps=0,
         limit_val_batches=0,
         log_every_n_steps=max(len(loader), 1),
+        gradient_clip_val=overrides.get("clip"),
     )
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -398,10 +406,13 @@ def _protocol(rows: list[dict]) -> list[str]:
     ]
     lines += [f"    * `{b}`: {METHOD_NOTES.get(b, '')}" for b in bases]
     lines += [
-        "    * `name[key=value,...]`: the method with changed settings (`init_magnitude`, `alpha`, `mode` of "
-        "`MeanShiftRejection`; `noise_scale`, `noise_shift`, `noise_schedule` and `noise_position` "
-        "(`conv`: conv outputs, `affine`: after the per-channel affine, `relu`: after the activation) of "
-        "`NoiseInjection`; `warmup`: fraction of the steps with linear LR warm-up).",
+        "    * `name[key=value,...]`: the method with changed settings (`init_magnitude`, `alpha`, `mode`, "
+        "`keep_magnitude` of `MeanShiftRejection`; `noise_scale`, `noise_shift`, `noise_schedule` and "
+        "`noise_position` (`conv`: conv outputs, `affine`: after the per-channel affine, `relu`: after the "
+        "activation) of `NoiseInjection`; `warmup`: fraction of the steps with linear LR warm-up; `clip`: the "
+        "Trainer's `gradient_clip_val` (norm); `conv_lr`: LR multiplier of the conv weights (a second param "
+        "group); `wd`, `momentum`: SGD's; `lsuv`: after zero-mean init, scale each conv so that its output has "
+        "unit RMS on 256 training images (1: per layer, 2: per filter; data-dependent, LSUV-like)).",
         "",
     ]
     return lines

@@ -112,3 +112,40 @@ def test_saved_activation_bytes_counts_unique_storages():
         (h * h).sum()  # saves h once (4 KiB) though it is used twice
 
     assert saved_activation_bytes(fn, [w]) == 2 * 16 * 64 * 4
+
+
+def test_accuracy_method_options_reach_the_run():
+    """The ablation's options change what is trained: callback arguments, data-dependent scaling, param groups."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _accuracy_models import build, load_digits_task, parse_method
+        from accuracy import Classifier
+    finally:
+        sys.path.remove(str(BENCH))
+    from lightning_msr import MeanShiftRejection
+    from lightning_msr.functional import mean_shift
+
+    task = load_digits_task(max_train=256)
+    spec = parse_method("msr[init_magnitude=1.414,keep_magnitude=true,clip=0.3,conv_lr=6,lsuv=1]")
+    model, callbacks, overrides = build(spec, task, seed=0)
+    (msr,) = callbacks
+    assert isinstance(msr, MeanShiftRejection) and "keep_magnitude=True" in repr(msr)
+    assert overrides == {"clip": 0.3, "conv_lr": 6.0}
+    # lsuv: zero-mean kernels whose outputs have unit RMS on the training images, layer by layer
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    outputs = []
+    handles = [c.register_forward_hook(lambda m, i, o: outputs.append(o)) for c in convs]
+    with torch.no_grad():
+        model(task.x_train)
+    for h in handles:
+        h.remove()
+    for conv, out in zip(convs, outputs):
+        assert float(mean_shift(conv.weight)) < 1e-5
+        assert float(out.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=0.15)
+    opt = Classifier(model, lr=0.1, total_steps=10, conv_lr=6.0).configure_optimizers()["optimizer"]
+    lrs = {len(g["params"]): g["lr"] for g in opt.param_groups}
+    assert lrs == {len(convs): pytest.approx(0.6), sum(1 for _ in model.parameters()) - len(convs): 0.1}
+    with pytest.raises(ValueError, match="Expected `keep_magnitude` to be one of"):
+        parse_method("msr[keep_magnitude=maybe]")

@@ -25,6 +25,7 @@ MSR_FLAGS = [
     "--trainer.callbacks+=lightning_msr.MeanShiftRejection",
     "--trainer.callbacks.alpha=1.0",
     "--trainer.callbacks.batchnorm=error",
+    "--trainer.callbacks.keep_magnitude=true",
     "--trainer.callbacks+=lightning_msr.NoiseInjection",
     "--trainer.callbacks.scale=0.15",
     "--trainer.callbacks.shift=0.05",
@@ -67,10 +68,10 @@ def test_print_config_shows_callbacks_with_their_arguments(capsys):
     assert [c["class_path"] for c in callbacks] == ["lightning_msr.MeanShiftRejection", "lightning_msr.NoiseInjection"]
     msr, noise = (c["init_args"] for c in callbacks)
     # the flags, and every other constructor argument with its default
-    assert msr["alpha"] == 1.0 and msr["batchnorm"] == "error"
+    assert msr["alpha"] == 1.0 and msr["batchnorm"] == "error" and msr["keep_magnitude"] is True
     assert noise["scale"] == 0.15 and noise["shift"] == 0.05
     for init_args, cls, flags in (
-        (msr, lightning_msr.MeanShiftRejection, {"alpha", "batchnorm"}),
+        (msr, lightning_msr.MeanShiftRejection, {"alpha", "batchnorm", "keep_magnitude"}),
         (noise, lightning_msr.NoiseInjection, {"scale", "shift"}),
     ):
         parameters = inspect.signature(cls).parameters
@@ -86,10 +87,14 @@ def test_fit_from_flags_alone(tmp_path):
     assert trainer.global_step == 64 // 8
     msr = next(c for c in trainer.callbacks if isinstance(c, lightning_msr.MeanShiftRejection))
     noise = next(c for c in trainer.callbacks if isinstance(c, lightning_msr.NoiseInjection))
-    assert msr.alpha == 1.0 and "scale=0.15" in repr(noise)
+    assert msr.alpha == 1.0 and "keep_magnitude=True" in repr(msr) and "scale=0.15" in repr(noise)
     # MSR really ran: every kernel was re-drawn zero-mean and stayed there through 8 SGD steps
     assert len(msr.weights) == 4
     assert _worst_mean_shift(model) < 1e-5
+    # ... and kept its filter norm (init_magnitude's default, 1.0) through them: keep_magnitude came through
+    for w in msr.weights:
+        norms = w.parameter.detach().flatten(1).norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-5, atol=0)
     assert "val_acc" in trainer.callback_metrics
 
 
