@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
@@ -65,16 +66,19 @@ class StepTimer(L.Callback):
         self.times.append((time.perf_counter() - self._start[0], time.process_time() - self._start[1]))
 
 
-CONFIGS = {
+CONFIGS: dict[str, Optional[dict]] = {
     "without the callback": None,
-    "`MeanShiftRejection()` (projection during backward)": "auto",
-    "`MeanShiftRejection(projection_timing='optimizer_step')`": "optimizer_step",
+    "`MeanShiftRejection()` (projection during backward)": {},
+    "`MeanShiftRejection(projection_timing='optimizer_step')`": {"projection_timing": "optimizer_step"},
+    "`MeanShiftRejection(keep_magnitude=True)` (+ filter norms held after each step)": {"keep_magnitude": True},
 }
 
 
-def run(model: Classifier, loader: DataLoader, steps: int, timing, warmup: int) -> list[tuple[float, float]]:
+def run(
+    model: Classifier, loader: DataLoader, steps: int, kwargs: Optional[dict], warmup: int
+) -> list[tuple[float, float]]:
     timer = StepTimer()
-    callbacks: list[L.Callback] = [MeanShiftRejection(init="none", projection_timing=timing)] if timing else []
+    callbacks: list[L.Callback] = [MeanShiftRejection(init="none", **kwargs)] if kwargs is not None else []
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps + warmup,
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "wall_ratio": median(order[1], 0) / median(base, 0),
         "cpu_ratio": median(order[1], 1) / median(base, 1),
         "cpu_ratio_optimizer_step": median(order[2], 1) / median(base, 1),
+        "cpu_ratio_keep_magnitude": median(order[3], 1) / median(base, 1),
         **{f"projection_cpu_ms[{k}]": v for k, v in alone.items()},
     }
     lines = [

@@ -34,7 +34,7 @@ def test_overhead_tiny_reports_ratios():
     finally:
         sys.path.remove(str(BENCH))
     result = main(["--tiny"])
-    for key in ("wall_ratio", "cpu_ratio", "cpu_ratio_optimizer_step"):
+    for key in ("wall_ratio", "cpu_ratio", "cpu_ratio_optimizer_step", "cpu_ratio_keep_magnitude"):
         assert 0.2 < result[key] < 5.0, (key, result[key])
     assert result["projection_cpu_ms[lightning_msr]"] > 0
 
