@@ -445,47 +445,79 @@ def _ablation(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _style(methods: list[str]) -> dict[str, dict]:
+    """A distinct colour and marker per method (tab20 + markers); BatchNorm in black, so it stands out."""
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab20"].colors
+    markers = "osD^vP*Xh<>"
+    others = [m for m in methods if m != "batchnorm"]
+    style = {m: {"color": colors[i % len(colors)], "marker": markers[i % len(markers)]} for i, m in enumerate(others)}
+    style["batchnorm"] = {"color": "black", "marker": "o", "linewidth": 2.2}
+    return style
+
+
+def _zoom(ax: Any, values: list[float]) -> None:
+    """Y range that keeps most points readable: from just below the 10th percentile; says what is off-scale."""
+    if not values:
+        return
+    ordered = sorted(values)
+    low = max(0.0, ordered[len(ordered) // 10] - 3.0)
+    ax.set_ylim(low, min(100.5, ordered[-1] + 2.0))
+    hidden = sum(v < low for v in values)
+    if hidden:
+        ax.text(0.01, 0.01, f"{hidden} point(s) below the axis", transform=ax.transAxes, fontsize=7, va="bottom")
+
+
 def _plots(summary: dict, datasets: list[str], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(6 * max(len(datasets), 1), 4.2), squeeze=False)
+    n = max(len(datasets), 1)
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 5.6), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         methods = sorted({k[1] for k in summary if k[0] == ds})
+        style = _style(methods)
+        shown: list[float] = []
         for m in methods:
             batches = sorted(k[2] for k in summary if k[0] == ds and k[1] == m)
             means = [summary[(ds, m, b)]["best"][1] for b in batches]
             stds = [summary[(ds, m, b)]["best"][2] for b in batches]
-            ax.errorbar(batches, means, yerr=stds, marker="o", capsize=3, label=m)
+            ax.errorbar(batches, means, yerr=stds, capsize=3, label=m, **style[m])
+            shown += means
+        _zoom(ax, shown)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.set_ylabel("test accuracy (%) at best LR")
         ax.set_title(ds)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_batch.png", dpi=110)
     plt.close(fig)
 
     # accuracy vs LR at one batch size per dataset (the largest with most methods), all methods
-    fig, axes = plt.subplots(1, max(len(datasets), 1), figsize=(6 * max(len(datasets), 1), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 5.6), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         batches = sorted({k[2] for k in summary if k[0] == ds})
         batch = 32 if 32 in batches else batches[-1]
-        for m in sorted({k[1] for k in summary if k[0] == ds and k[2] == batch}):
+        methods = sorted({k[1] for k in summary if k[0] == ds and k[2] == batch})
+        style = _style(methods)
+        for m in methods:
             sweep = summary[(ds, m, batch)]["sweep"]
             lrs = sorted(sweep)
             ax.errorbar(
-                lrs, [sweep[lr][0] for lr in lrs], yerr=[sweep[lr][1] for lr in lrs], marker="o", capsize=3, label=m
+                lrs, [sweep[lr][0] for lr in lrs], yerr=[sweep[lr][1] for lr in lrs], capsize=3, label=m, **style[m]
             )
+        ax.set_ylim(0, min(100.5, ax.get_ylim()[1]))  # an accuracy never exceeds 100 %, whatever the error bar
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{ds}, batch {batch}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_lr.png", dpi=110)
     plt.close(fig)
