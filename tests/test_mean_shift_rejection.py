@@ -291,6 +291,20 @@ def test_keep_magnitude_keeps_the_norms_found_at_fit_start(tmp_path):
     assert torch.equal(model.features[8].weight, recorder.at_fit_start["features.8.weight"])
 
 
+def test_keep_magnitude_leaves_zero_initialised_filters_free(tmp_path):
+    """A zero-initialised conv (ControlNet-style "zero conv") has no norm to keep: it must still learn."""
+    L.seed_everything(0)
+    model = ConvNet("sgd_momentum")
+    with torch.no_grad():
+        model.features[4].weight.zero_()  # a pointwise conv with a bias: its ReLU still passes gradients
+        model.features[0].weight.sub_(model.features[0].weight.mean(dim=(2, 3), keepdim=True))
+    start = model.features[0].weight.detach().flatten(1).norm(dim=1)
+    cb = MeanShiftRejection(init="none", keep_magnitude=True)
+    trainer(tmp_path, max_epochs=2, callbacks=[cb]).fit(model, loader(64))
+    assert float(model.features[4].weight.abs().max()) > 1e-4  # trained although its norm at fit start was 0
+    torch.testing.assert_close(model.features[0].weight.detach().flatten(1).norm(dim=1), start, rtol=1e-5, atol=0)
+
+
 def test_keep_magnitude_with_accumulation_and_resume(tmp_path):
     L.seed_everything(0)
     model = ConvNet("sgd_momentum")

@@ -123,8 +123,9 @@ class MeanShiftRejection(Callback):
             whose update is not linear in the gradient, and when gradients are clipped by value, if
             ``alpha == 1``; ``True``/``False`` force it on or off for every optimizer.
         keep_magnitude: after every optimizer step, rescale each output filter that the step updated back to its
-            norm at fit start (the weight stays zero-mean). Meant for networks with a learnable per-channel gain
-            after each conv (``batchnorm="replace"`` leaves one); see the settings guide for when it helps.
+            norm at fit start (the weight stays zero-mean), so steps rotate the kernels instead of growing them.
+            Filters that are all zero at fit start (zero-initialised convs with ``init="none"``) have no norm to
+            keep and train freely. Pass ``init_magnitude=1.414`` with it; see the settings guide.
         projection_timing: ``"auto"``, ``"backward"`` (project in each kernel's post-accumulate-grad hook;
             exact for ``alpha == 1`` only) or ``"optimizer_step"`` (project in ``on_before_optimizer_step``).
         exclude: module-name patterns (``fnmatch`` syntax, e.g. ``["stem.*", "head"]``) left untouched.
