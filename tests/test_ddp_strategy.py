@@ -361,6 +361,20 @@ def test_kernels_stay_on_the_isocline(fit_run):
 
 
 @pytest.mark.ddp
+def test_keep_magnitude_holds_norms_identically_on_both_ranks(tmp_path):
+    """The post-step rescaling runs on every rank on identical weights: they stay identical, at norm 1."""
+    rank0, rank1 = _records(tmp_path, _run(tmp_path, "--keep-magnitude", "--max-steps", "4", "--seed-offset", "7"))
+    assert rank0["steps"] == 4
+    assert _identical(rank0["end_state"], rank1["end_state"])
+    for key in CONV_WEIGHTS:
+        weight = rank0["end_state"][key]
+        assert not torch.equal(rank0["start_state"][key], weight), f"{key} did not train"
+        norms = weight.flatten(1).norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-5, atol=0)
+        assert float(mean_shift(weight)) < 1e-5, key
+
+
+@pytest.mark.ddp
 def test_no_buffer_broadcast_per_forward(fit_run):
     for record in fit_run.records:
         assert record["ddp_broadcast_buffers"] is False

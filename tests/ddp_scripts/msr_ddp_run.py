@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--msr-batchnorm", default="warn", choices=["warn", "replace", "error"])
     parser.add_argument("--no-msr", action="store_true", help="train without MeanShiftRejection")
     parser.add_argument("--noise", action="store_true", help="add NoiseInjection(scale=0.15, shift=0.1)")
+    parser.add_argument("--keep-magnitude", action="store_true", help="MeanShiftRejection(keep_magnitude=True)")
     parser.add_argument("--sync-batchnorm", action="store_true")
     parser.add_argument("--legacy-buffers", action="store_true", help="take the torch < 2.13 buffer-sync path")
     parser.add_argument("--ckpt-in", default=None, help="resume from this checkpoint")
@@ -140,7 +141,9 @@ def main() -> None:
 
     callbacks: list[Callback] = []
     if not args.no_msr:
-        callbacks.append(lightning_msr.MeanShiftRejection(batchnorm=args.msr_batchnorm))
+        callbacks.append(
+            lightning_msr.MeanShiftRejection(batchnorm=args.msr_batchnorm, keep_magnitude=args.keep_magnitude)
+        )
     if args.noise:
         callbacks.append(lightning_msr.NoiseInjection(scale=0.15, shift=0.1))
     callbacks.append(Recorder(args.out))
