@@ -264,14 +264,15 @@ def mean_shift(
         return torch.where(rms > 0, means / torch.clamp(rms, min=torch.finfo(torch.float32).tiny), 0.0)
 
 
-def _filter_norms(w: Tensor, mode: str, transposed: bool, groups: int) -> Tensor:
-    """Euclidean norm of every output filter, broadcastable against ``w``."""
+def _filter_norms(w: Tensor, mode: str, transposed: bool, groups: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Euclidean norm of every output filter, broadcastable against ``w``, accumulated in ``dtype`` if given."""
     if transposed and mode == "kernel" and w.dim() > 2:
         # ConvTranspose weight (in, out/g, *k): output channel j of group c reads w[c*in/g:(c+1)*in/g, j].
         view = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1)
-        norms = view.square().sum(dim=(1, 3), keepdim=True).sqrt()
+        norms = view.to(dtype or view.dtype).square().sum(dim=(1, 3), keepdim=True).sqrt()
         return norms.expand_as(view).reshape(w.shape)
-    return w.flatten(1).norm(dim=1).view(-1, *([1] * (w.dim() - 1)))
+    norms = torch.linalg.vector_norm(w.flatten(1), dim=1, dtype=dtype)  # no full-size copy for bf16 weights
+    return norms.view(-1, *([1] * (w.dim() - 1)))
 
 
 def zero_mean_init_(

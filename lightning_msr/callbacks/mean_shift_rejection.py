@@ -44,6 +44,7 @@ from lightning_msr.functional import (
 from lightning_msr.surgery import _shown, find_batchnorm, replace_batchnorm
 
 _INITS = ("zero_mean", "center", "none")
+_TINY = torch.finfo(torch.float32).tiny
 _BATCHNORM = ("error", "warn", "replace")
 _TIMINGS = ("auto", "backward", "optimizer_step")
 _MODES = ("kernel", "filter")
@@ -205,8 +206,9 @@ class MeanShiftRejection(Callback):
         self._grad_handles: dict[int, RemovableHandle] = {}
         self._step_handles: list[RemovableHandle] = []
         self._recenter_optimizers: set[int] = set()
-        # keep_magnitude: per-filter norms captured at fit start, with the weight's (transposed, groups)
-        self._target_norms: dict[int, tuple[Tensor, bool, int]] = {}
+        # keep_magnitude: per kernel, the float32 filter norms at fit start, the filters that were all zero
+        # then (None if none was), and the weight's (transposed, groups)
+        self._target_norms: dict[int, tuple[Tensor, Optional[Tensor], bool, int]] = {}
         self._optimizer_params: dict[int, tuple[int, list[tuple[nn.Parameter, _Groups]]]] = {}
         self._frozen: list[int] = []  # kernels without a backward hook yet because they do not require grad
         self._project_in_backward = False
@@ -469,16 +471,15 @@ class MeanShiftRejection(Callback):
         self._optimizer_params[id(optimizer)] = (len(groups), found)
         return found
 
-    def _capture_norms(self) -> dict[int, tuple[Tensor, bool, int]]:
+    def _capture_norms(self) -> dict[int, tuple[Tensor, Optional[Tensor], bool, int]]:
+        captured = {}
         with torch.no_grad():
-            return {
-                id(w.parameter): (
-                    _filter_norms(w.parameter.detach().float(), self._mode, w.transposed, w.groups).clone(),
-                    w.transposed,
-                    w.groups,
-                )
-                for w in self._weights or []
-            }
+            for w in self._weights or []:
+                target = _filter_norms(w.parameter, self._mode, w.transposed, w.groups, dtype=torch.float32)
+                # a filter that is all zero now has no direction to keep: it is left free (ratio 1)
+                free = target == 0
+                captured[id(w.parameter)] = (target, free if bool(free.any()) else None, w.transposed, w.groups)
+        return captured
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         recenter = id(optimizer) in self._recenter_optimizers
@@ -490,10 +491,11 @@ class MeanShiftRejection(Callback):
                     _project_one_(param.data, layout, 1.0)
                 kept = self._target_norms.get(id(param))
                 if kept is not None:
-                    target, transposed, groups = kept
-                    norms = _filter_norms(param.data.float(), self._mode, transposed, groups)
-                    # a filter that was all zero at fit start has no direction to keep: leave it free
-                    ratio = torch.where(target > 0, target / norms.clamp(min=torch.finfo(norms.dtype).tiny), 1.0)
+                    target, free, transposed, groups = kept
+                    norms = _filter_norms(param.data, self._mode, transposed, groups, dtype=torch.float32)
+                    ratio = target / norms.clamp(min=_TINY)
+                    if free is not None:
+                        ratio.masked_fill_(free, 1.0)
                     param.data.mul_(ratio.to(param.dtype))
 
     # ------------------------------------------------------------------ logging
