@@ -70,9 +70,12 @@ __all__ = [
     "watch_signal",
 ]
 
-# Below this many values per channel (batch x spatial, summed over processes) a channel's own statistics are
-# too noisy to divide by: the layer's statistics are used for all of its channels instead.
+# Below this many values per channel (batch x spatial, summed over processes) a frozen scale would be mostly
+# noise: the layer is left as it is.
 _MIN_PER_CHANNEL = 8
+# Each channel's variance is shrunk towards its layer's mean variance with the weight of this many values (so a
+# channel seen 8 times is mostly the layer's, one seen 2048 times mostly its own).
+_SHRINK = 64.0
 # A channel's variance is never taken below this fraction of its layer's mean variance (dead or nearly
 # constant channels would otherwise get enormous gains).
 _VARIANCE_FLOOR = 1e-2
@@ -281,18 +284,13 @@ def _channel_moments(y: Tensor, reduce: Optional[Reduce]) -> tuple[Tensor, Tenso
     return mean, (second - mean.square()).clamp(min=0.0), n
 
 
-_SHRINK = float(__import__("os").environ.get("MSR_SHRINK", "64"))
-_CHANNEL_MEAN = __import__("os").environ.get("MSR_CMEAN", "1") == "1"
-
-
 def _normalising_factors(mean: Tensor, variance: Tensor, n: float) -> tuple[Tensor, Tensor]:
     """``(1 / std, mean)`` per channel, as a BatchNorm in training mode would use them, made robust to small
     batches: each channel's variance is shrunk towards its layer's mean variance (weight ``_SHRINK`` values
     against the channel's ``n``), since a frozen scale that is wrong by chance is multiplied through depth."""
     layer = variance.mean()
-    shrunk = (n * variance + _SHRINK * layer) / (n + _SHRINK) if math.isfinite(_SHRINK) else layer.expand_as(variance)
-    shrunk = shrunk.clamp(min=_VARIANCE_FLOOR * layer)
-    return shrunk.rsqrt(), (mean if _CHANNEL_MEAN else torch.zeros_like(mean))
+    shrunk = ((n * variance + _SHRINK * layer) / (n + _SHRINK)).clamp(min=_VARIANCE_FLOOR * layer)
+    return shrunk.rsqrt(), mean
 
 
 @dataclass

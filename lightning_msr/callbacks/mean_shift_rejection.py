@@ -126,7 +126,8 @@ class MeanShiftRejection(Callback):
             exactly zero-mean, smaller values are the paper's weighted mean subtraction.
         init: ``"zero_mean"`` draws new zero-mean kernels; ``"center"`` subtracts the kernel mean from the
             existing weights (for pretrained models); ``"none"`` leaves the weights as they are.
-        init_magnitude: Euclidean norm of every output filter after ``init="zero_mean"`` (> 0).
+        init_magnitude: Euclidean norm of every output filter after ``init="zero_mean"`` (> 0). With
+            ``calibrate=True`` the first batch rescales every filter, so this only matters without calibration.
         include_linear: also centre ``nn.Linear`` weights (over their inputs). Off by default, as in the paper.
         batchnorm: what to do when the model contains BatchNorm: ``"warn"`` once, ``"error"``, or
             ``"replace"`` it by a per-channel scale and bias (:func:`lightning_msr.replace_batchnorm`).
@@ -138,7 +139,7 @@ class MeanShiftRejection(Callback):
         keep_magnitude: after every optimizer step, rescale each output filter that the step updated back to its
             norm at fit start (the weight stays zero-mean), so steps rotate the kernels instead of growing them.
             Filters that are all zero at fit start (zero-initialised convs with ``init="none"``) have no norm to
-            keep and train freely. Pass ``init_magnitude=1.414`` with it; see the settings guide.
+            keep and train freely. With ``calibrate=True`` the norms kept are the calibrated ones.
         projection_timing: ``"auto"``, ``"backward"`` (project in each kernel's post-accumulate-grad hook;
             exact for ``alpha == 1`` only) or ``"optimizer_step"`` (project in ``on_before_optimizer_step``).
         exclude: module-name patterns (``fnmatch`` syntax, e.g. ``["stem.*", "head"]``) left untouched.
