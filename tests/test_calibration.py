@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import lightning as L
 import pytest
@@ -301,3 +302,33 @@ def test_adaptive_clip_in_the_callback(tmp_path):
     assert float(head.norm()) > 1e-3 * float(model.head.weight.norm())  # the Linear head is not clipped
     with pytest.raises(MSRConfigurationError, match="adaptive_clip"):
         MeanShiftRejection(adaptive_clip=-1.0)
+
+
+class _FirstForward(L.Callback):
+    """The parameters as the first training forward left them (after any calibration in it)."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, torch.Tensor] = {}
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if not self.params:
+            self.params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+@pytest.mark.parametrize("with_msr_state", [True, False])
+def test_a_resumed_fit_is_never_recalibrated(tmp_path, with_msr_state):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = [MeanShiftRejection(), ckpt] if with_msr_state else [ckpt]
+    trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=first).fit(ConvNet(), loader(16))
+    saved = torch.load(ckpt.last_model_path, weights_only=False)["state_dict"]
+    L.seed_everything(1)
+    seen = _FirstForward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without MSR state: the "not zero-mean" warning of a foreign checkpoint
+        resumed = trainer(tmp_path, max_epochs=2, callbacks=[MeanShiftRejection(), seen])
+        resumed.fit(ConvNet(), loader(16), ckpt_path=ckpt.last_model_path)
+    for name, value in saved.items():
+        torch.testing.assert_close(seen.params[name], value, rtol=0, atol=0, msg=name)

@@ -433,6 +433,10 @@ class MeanShiftRejection(Callback):
                 "keeps the projection.",
                 category=MSRWarning,
             )
+        if trainer.ckpt_path is not None:
+            # Lightning restores a checkpoint after `setup` (where the draw happened) and sets `ckpt_path` then:
+            # the weights are the checkpoint's, which are never recalibrated
+            self._calibration_due = False
         self._project_in_backward = self._choose_backward(trainer)
         self._recenter_optimizers = set()
         self._optimizer_params = {}
@@ -690,6 +694,7 @@ class MeanShiftRejection(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._initialized = bool(state_dict.get("initialized", self._initialized))
+        self._calibration_due = False  # the weights come from a checkpoint
         model = self._model_ref() if self._model_ref is not None else None
         if model is not None and self._initialized:
             object.__setattr__(model, _INIT_FLAG, True)

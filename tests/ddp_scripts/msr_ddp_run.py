@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--no-msr", action="store_true", help="train without MeanShiftRejection")
     parser.add_argument("--noise", action="store_true", help="add NoiseInjection(scale=0.15, shift=0.1)")
     parser.add_argument("--keep-magnitude", action="store_true", help="MeanShiftRejection(keep_magnitude=True)")
+    parser.add_argument("--no-calibrate", action="store_true", help="MeanShiftRejection(calibrate=False)")
     parser.add_argument("--sync-batchnorm", action="store_true")
     parser.add_argument("--legacy-buffers", action="store_true", help="take the torch < 2.13 buffer-sync path")
     parser.add_argument("--ckpt-in", default=None, help="resume from this checkpoint")
@@ -142,7 +143,9 @@ def main() -> None:
     callbacks: list[Callback] = []
     if not args.no_msr:
         callbacks.append(
-            lightning_msr.MeanShiftRejection(batchnorm=args.msr_batchnorm, keep_magnitude=args.keep_magnitude)
+            lightning_msr.MeanShiftRejection(
+                batchnorm=args.msr_batchnorm, keep_magnitude=args.keep_magnitude, calibrate=not args.no_calibrate
+            )
         )
     if args.noise:
         callbacks.append(lightning_msr.NoiseInjection(scale=0.15, shift=0.1))
