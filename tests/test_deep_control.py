@@ -216,8 +216,8 @@ def test_state_dict_mismatch_warns():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"beta_init": float("nan")}, "Expected `beta_init` to be a finite number, but got nan."),
-        ({"beta_init": "1"}, "Expected `beta_init` to be a finite number"),
+        ({"beta_init": float("nan")}, r"Expected `beta_init` to be in \[0, 1\], but got nan."),
+        ({"beta_init": "1"}, r"Expected `beta_init` to be a number in \[0, 1\], but got .1. of type str"),
         ({"exclude": [3]}, "Expected `exclude` to be a list of module-name patterns"),
     ],
 )

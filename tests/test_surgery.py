@@ -254,7 +254,7 @@ def test_batchnorm_subclasses():
     ("kwargs", "match"),
     [
         ({"replacement": "instance"}, "Expected `replacement` to be one of 'affine', 'agc', 'identity'"),
-        ({"beta_init": float("inf")}, "Expected `beta_init` to be a finite number, but got inf."),
+        ({"beta_init": float("inf")}, r"Expected `beta_init` to be in \[0, 1\], but got inf."),
         ({"fold_running_stats": 1}, "Expected `fold_running_stats` to be True or False, but got 1."),
         ({"exclude": [""]}, "Expected `exclude` to be a list of module-name patterns"),
     ],

@@ -27,6 +27,7 @@ from lightning_msr._checks import (
     _check_names,
     _check_positive,
     _check_seed,
+    _check_single_owner,
 )
 from lightning_msr.callbacks.deep_control import _runs_in_worker_processes
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
@@ -55,6 +56,8 @@ _LINEAR_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD, torch.optim.ASGD)
 _ALREADY_CENTRED = 1e-4
 # Set on a model once it has been initialised, so that no second fit (or second callback) redraws it.
 _INIT_FLAG = "_lightning_msr_initialized"
+# ... with the settings it was initialised with, to say so when a later fit asks for others.
+_INIT_SETTINGS = "_lightning_msr_init_settings"
 
 
 def _unsupported_strategy(strategy: Any) -> Optional[str]:
@@ -217,6 +220,9 @@ class MeanShiftRejection(Callback):
         self._trainer_spawns = False
         self._initialized = False
         self._replaced: dict[str, nn.Module] = {}
+        self._acted_on: list[str] = []  # the weights this fit acts on, seen by a second MeanShiftRejection
+        self._resuming = False  # this fit resumes from `ckpt_path`
+        self._restored_state = False  # ... and the checkpoint holds this callback's state (trained with MSR)
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -332,6 +338,9 @@ class MeanShiftRejection(Callback):
             for w in weights
         }
         self._model_ref = weakref.ref(pl_module)
+        names = {w.name for w in weights}
+        _check_single_owner(getattr(pl_module, "_trainer", None), self, names.__contains__, "conv weight(s)")
+        self._acted_on = [w.name for w in weights]
 
     def _initialize(self, trainer: pl.Trainer, pl_module: nn.Module) -> bool:
         """Initialise or centre the weights as ``init`` says; returns whether any weight changed."""
@@ -339,13 +348,18 @@ class MeanShiftRejection(Callback):
         if self._init == "none" or not weights:
             return False
         if getattr(pl_module, _INIT_FLAG, False):
+            self._explain_no_redraw(pl_module)
             return False  # never re-initialise a model (second fit, second callback)
         if trainer.ckpt_path is not None:
             rank_zero_info(
                 f"MeanShiftRejection: resuming from {trainer.ckpt_path!r}; the checkpoint's weights are kept."
             )
-            object.__setattr__(pl_module, _INIT_FLAG, True)
-            self._initialized = True
+            self._resuming = True  # checked once restored, in on_fit_start
+            self._mark_initialized(pl_module)
+            return False
+        weights = self._leave_frozen_alone(weights)
+        if not weights:
+            self._mark_initialized(pl_module)
             return False
         kwargs = [{"mode": self._mode, **w.layout_kwargs()} for w in weights]
         if self._init == "zero_mean":
@@ -368,9 +382,104 @@ class MeanShiftRejection(Callback):
             for w, kw in zip(weights, kwargs):
                 project_mean_(w.parameter.data, 1.0, **kw)
             rank_zero_info(f"MeanShiftRejection: centred the kernels of {len(weights)} existing weight(s).")
-        object.__setattr__(pl_module, _INIT_FLAG, True)
-        self._initialized = True
+        self._mark_initialized(pl_module)
         return True
+
+    def _mark_initialized(self, pl_module: nn.Module) -> None:
+        object.__setattr__(pl_module, _INIT_FLAG, True)
+        object.__setattr__(pl_module, _INIT_SETTINGS, self._init_settings())
+        self._initialized = True
+
+    def _init_settings(self) -> dict[str, Any]:
+        if self._init == "zero_mean":
+            return {"init": self._init, "init_magnitude": self._init_magnitude, "seed": self._seed}
+        return {"init": self._init}
+
+    def _explain_no_redraw(self, pl_module: nn.Module) -> None:
+        """A model is initialised once: say so, loudly when this fit asks for other settings than the first."""
+        before = getattr(pl_module, _INIT_SETTINGS, None)
+        now = self._init_settings()
+        if before is None or before == now:
+            rank_zero_info("MeanShiftRejection: the model was initialised by an earlier fit; its weights are kept.")
+            return
+        shown = lambda settings: ", ".join(f"{k}={v!r}" for k, v in settings.items())  # noqa: E731
+        rank_zero_warn(
+            f"MeanShiftRejection: the model was already initialised by an earlier fit ({shown(before)}), so it is "
+            f"not initialised again with {shown(now)}: the weights it has now are kept. To draw new kernels, build "
+            "a new model (or call `lightning_msr.functional.zero_mean_init_` on its conv weights) before `fit`.",
+            category=MSRWarning,
+        )
+
+    def _leave_frozen_alone(self, weights: list[KernelWeight]) -> list[KernelWeight]:
+        """The weights ``init`` may change: frozen ones (``requires_grad=False``, e.g. a pretrained backbone)
+        are neither redrawn nor centred, and the user is told so once."""
+        frozen = [w.name for w in weights if not w.parameter.requires_grad]
+        if frozen:
+            action = "redraws" if self._init == "zero_mean" else "centres"
+            rank_zero_warn(
+                f"MeanShiftRejection leaves {len(frozen)} frozen conv weight(s) (requires_grad=False) as they are: "
+                f"init={self._init!r} {action} only trainable weights ({_shown(frozen)}). Frozen kernels keep "
+                "their values and their mean, and are not projected or re-centred while frozen; once unfrozen "
+                "their gradients are projected. To have them centred too, unfreeze them before `fit`, or call "
+                "`lightning_msr.functional.project_mean_` on them; to keep MSR off them entirely, list them in "
+                "`exclude`.",
+                category=MSRWarning,
+            )
+        return [w for w in weights if w.parameter.requires_grad]
+
+    def _check_resumed_kernels(self, trainer: pl.Trainer) -> None:
+        """After a checkpoint is restored: if it was not trained with MSR its kernels are not zero-mean.
+
+        With ``init="center"`` they are centred now (what the user asked for); otherwise a warning says so and
+        how to centre them -- the checkpoint's weights are never changed without being asked.
+        """
+        resuming, self._resuming = self._resuming, False
+        weights = self._weights or []
+        if not resuming or self._restored_state or self._init == "none" or not weights:
+            return
+        shifts = [float(mean_shift(w.parameter, mode=self._mode, **w.layout_kwargs())) for w in weights]
+        worst = max(shifts)
+        if not worst > _ALREADY_CENTRED:  # NaN too: a diverged checkpoint is no reason to centre
+            return
+        where = weights[shifts.index(worst)].name
+        if self._init == "center":
+            trainable = self._leave_frozen_alone(weights)
+            for w in trainable:
+                project_mean_(w.parameter.data, 1.0, mode=self._mode, **w.layout_kwargs())
+            rank_zero_info(
+                f"MeanShiftRejection(init='center'): the checkpoint {trainer.ckpt_path!r} was not trained with MSR "
+                f"(worst mean shift {worst:.3g} in {where!r}); centred the kernels of {len(trainable)} restored "
+                "weight(s)."
+            )
+            return
+        rank_zero_warn(
+            f"MeanShiftRejection: the checkpoint {trainer.ckpt_path!r} was not trained with MeanShiftRejection: its "
+            f"kernels are not zero-mean (worst mean shift {worst:.3g} in {where!r}), and they are kept as they are. "
+            "The gradients are projected from now on, so the kernels keep this mean for the rest of training. To "
+            "centre the restored kernels, resume with `MeanShiftRejection(init='center')`.",
+            category=MSRWarning,
+        )
+
+    def _warn_low_precision(self) -> None:
+        """Half-precision weights (``precision='bf16-true'``/``'16-true'``) cannot hold the isocline exactly."""
+        low = [w for w in self._weights or [] if w.parameter.dtype in (torch.float16, torch.bfloat16)]
+        if not low:
+            return
+        dtype = low[0].parameter.dtype
+        eps = torch.finfo(dtype).eps
+        norms = (
+            f" and `keep_magnitude` holds the filter norms to about {eps:.0e} relative"
+            if self._keep_magnitude else ""
+        )
+        rank_zero_warn(
+            f"MeanShiftRejection acts on {len(low)} weight(s) stored in {dtype} (e.g. `precision='bf16-true'`). "
+            f"{dtype} rounds every weight to about {eps:.0e} relative, so the kernels stay zero-mean only to "
+            f"that precision (`msr/mean_shift` reads about {eps / 2:.0e}, not 1e-7)"
+            + norms
+            + ". The means and norms are computed in float32, but the stored weights cannot keep more. For exact "
+            "MSR keep float32 weights with mixed precision: `precision='bf16-mixed'` (or '16-mixed').",
+            category=MSRWarning,
+        )
 
     # ------------------------------------------------------------------ fit: hooks
     @override
@@ -384,6 +493,8 @@ class MeanShiftRejection(Callback):
                 # DDP has already broadcast rank 0's weights: share the new draw the same way
                 for w in self._weights or []:
                     _broadcast_(trainer, w.parameter)
+        self._check_resumed_kernels(trainer)  # the checkpoint is restored by now (and identical on every rank)
+        self._warn_low_precision()  # `precision='*-true'` converts the model after `setup`
         clip_by_value = bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm == "value"
         if clip_by_value:
             rank_zero_warn(
@@ -534,6 +645,7 @@ class MeanShiftRejection(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_state = True
         self._initialized = bool(state_dict.get("initialized", self._initialized))
         model = self._model_ref() if self._model_ref is not None else None
         if model is not None and self._initialized:
