@@ -69,7 +69,7 @@ def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float
         )
     ok = number >= 0 if allow_zero else number > 0
     if not ok or not math.isfinite(number):
-        raise MSRConfigurationError(f"Expected `{name}` to be a finite {kind} number, but got {value!r}.")
+        raise MSRConfigurationError(f"Expected `{name}` to be a finite {kind} number, but got {number!r}.")
     return number
 
 
