@@ -6,12 +6,27 @@ import math
 import numbers
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from lightning_msr.exceptions import MSRConfigurationError
+
+# Constructor annotations that LightningCLI checks while parsing, so an out-of-range flag such as
+# `--trainer.callbacks.alpha=2` is a usage error naming the key (exit 2), not a traceback from `__init__`.
+# jsonargparse is an optional extra (`lightning_msr[cli]`): without it these are plain `float`, and to a type
+# checker they always are. The checks below still run in `__init__` for every caller.
+if TYPE_CHECKING:
+    UnitInterval = float
+    PositiveFloat = float
+    NonNegativeFloat = float
+else:
+    try:
+        from jsonargparse.typing import ClosedUnitInterval as UnitInterval
+        from jsonargparse.typing import NonNegativeFloat, PositiveFloat
+    except ImportError:  # pragma: no cover - the `cli` extra is not installed
+        UnitInterval = PositiveFloat = NonNegativeFloat = float
 
 
 def _real(value: Any) -> Optional[float]:

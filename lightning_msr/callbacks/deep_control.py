@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_msr._checks import _check_beta_init, _check_names, _check_single_owner
+from lightning_msr._checks import UnitInterval, _check_beta_init, _check_names, _check_single_owner
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.nn.gain_control import AutomaticGainControl
 from lightning_msr.surgery import Replacements, find_batchnorm, replace_batchnorm
@@ -90,7 +90,7 @@ class DeepControl(Callback):
         python train.py fit --trainer.callbacks+=lightning_msr.DeepControl --trainer.callbacks.beta_init=0.9
     """
 
-    def __init__(self, beta_init: float = 1.0, exclude: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, beta_init: UnitInterval = 1.0, exclude: Optional[Sequence[str]] = None) -> None:
         self._beta_init = _check_beta_init(beta_init)
         self._exclude = _check_names("exclude", exclude)
         self._replaced: list[str] = []

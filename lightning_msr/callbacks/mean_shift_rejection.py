@@ -21,6 +21,8 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_msr._checks import (
+    PositiveFloat,
+    UnitInterval,
     _check_bool,
     _check_choice,
     _check_in_range,
@@ -170,9 +172,9 @@ class MeanShiftRejection(Callback):
 
     def __init__(
         self,
-        alpha: float = 1.0,
+        alpha: UnitInterval = 1.0,
         init: Literal["zero_mean", "center", "none"] = "zero_mean",
-        init_magnitude: float = 1.0,
+        init_magnitude: PositiveFloat = 1.0,
         include_linear: bool = False,
         batchnorm: Literal["error", "warn", "replace"] = "warn",
         mode: Literal["kernel", "filter"] = "kernel",

@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_msr._checks import (
+    NonNegativeFloat,
     _check_choice,
     _check_names,
     _check_patterns_match,
@@ -175,11 +176,11 @@ class NoiseInjection(Callback):
 
     def __init__(
         self,
-        scale: float = 0.1,
-        shift: float = 0.0,
+        scale: NonNegativeFloat = 0.1,
+        shift: NonNegativeFloat = 0.0,
         distribution: Distribution = "uniform",
-        final_scale: Optional[float] = None,
-        final_shift: Optional[float] = None,
+        final_scale: Optional[NonNegativeFloat] = None,
+        final_shift: Optional[NonNegativeFloat] = None,
         schedule: Schedule = "constant",
         module_types: Optional[list[str]] = None,
         module_names: Optional[list[str]] = None,
