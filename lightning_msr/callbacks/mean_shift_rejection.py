@@ -223,8 +223,7 @@ class MeanShiftRejection(Callback):
         self._initialized = False
         self._replaced: dict[str, nn.Module] = {}
         self._acted_on: list[str] = []  # the weights this fit acts on, seen by a second MeanShiftRejection
-        self._resuming = False  # this fit resumes from `ckpt_path`
-        self._restored_state = False  # ... and the checkpoint holds this callback's state (trained with MSR)
+        self._restored_state = False  # the checkpoint resumed from holds this callback's state (trained with MSR)
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -356,7 +355,6 @@ class MeanShiftRejection(Callback):
             rank_zero_info(
                 f"MeanShiftRejection: resuming from {trainer.ckpt_path!r}; the checkpoint's weights are kept."
             )
-            self._resuming = True  # checked once restored, in on_fit_start
             self._mark_initialized(pl_module)
             return False
         weights = self._leave_frozen_alone(weights)
@@ -435,9 +433,9 @@ class MeanShiftRejection(Callback):
         With ``init="center"`` they are centred now (what the user asked for); otherwise a warning says so and
         how to centre them -- the checkpoint's weights are never changed without being asked.
         """
-        resuming, self._resuming = self._resuming, False
+        # `trainer.ckpt_path` is set when the checkpoint is restored, after `setup`
         weights = self._weights or []
-        if not resuming or self._restored_state or self._init == "none" or not weights:
+        if trainer.ckpt_path is None or self._restored_state or self._init == "none" or not weights:
             return
         shifts = [float(mean_shift(w.parameter, mode=self._mode, **w.layout_kwargs())) for w in weights]
         worst = max(shifts)
