@@ -183,10 +183,11 @@ def _check_single_owner(
 ) -> None:
     """Refuse ``callback`` when an earlier callback of the same class in ``trainer`` acts on the same layers.
 
-    Every lightning_msr callback records the names it acts on in ``_acted_on`` during its setup. Callbacks run
-    their setup in list order, so the later of two callbacks sees what the earlier one took and
-    ``acts_on(name)`` says whether the later one would act on that name too. Two of them on the same layers
-    would project gradients twice, add noise twice or have one silently do nothing.
+    ``MeanShiftRejection`` and ``NoiseInjection`` record the names they act on in ``_acted_on`` when they
+    collect their layers. Callbacks run their hooks in list order, so the later of two callbacks sees what the
+    earlier one took, and ``acts_on(name)`` says whether the later one would act on that name too. Two of them
+    on the same layers would project the gradients twice or add noise twice. (Two instances with equal
+    ``state_key`` -- e.g. two ``DeepControl`` -- are already refused by the Trainer.)
     """
     for other in getattr(trainer, "callbacks", None) or []:
         if other is callback:

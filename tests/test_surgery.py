@@ -286,3 +286,19 @@ def test_refuses_distributed_data_parallel(tmp_path):
         assert type(model[1]) is nn.BatchNorm2d
     finally:
         dist.destroy_process_group()
+
+
+def test_exclude_pattern_matching_nothing_is_refused():
+    model = Nested()
+    with pytest.raises(
+        MSRConfigurationError,
+        match=r"The `exclude` pattern 'haed.\*' matches no module of Nested. Module names look like \[",
+    ):
+        replace_batchnorm(model, "agc", exclude=["haed.*"])
+    assert batchnorms(model) == batchnorms(Nested())  # nothing was replaced
+
+
+@pytest.mark.parametrize("beta_init", [-0.5, 2.0])
+def test_beta_init_outside_0_1_is_refused(beta_init):
+    with pytest.raises(MSRConfigurationError, match=rf"Expected `beta_init` to be in \[0, 1\], but got {beta_init}"):
+        replace_batchnorm(Nested(), "agc", beta_init=beta_init)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from fnmatch import fnmatchcase
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_msr._checks import UnitInterval, _check_beta_init, _check_names, _check_single_owner
+from lightning_msr._checks import UnitInterval, _check_beta_init, _check_names
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.nn.gain_control import AutomaticGainControl
 from lightning_msr.surgery import Replacements, find_batchnorm, replace_batchnorm
@@ -70,8 +69,7 @@ class DeepControl(Callback):
 
     Raises:
         MSRConfigurationError: if ``beta_init`` is not in ``[0, 1]`` or ``exclude`` is not a list of
-            patterns; in ``setup``, for an ``exclude`` pattern that matches no module, for a second
-            ``DeepControl`` in the Trainer that would act on the same BatchNorm layers, and for the models
+            patterns; in ``setup``, for an ``exclude`` pattern that matches no module and for the models
             :func:`~lightning_msr.replace_batchnorm` refuses; at the first forward pass of a replaced layer
             that gets ``(N, C)`` features.
 
@@ -94,7 +92,6 @@ class DeepControl(Callback):
         self._beta_init = _check_beta_init(beta_init)
         self._exclude = _check_names("exclude", exclude)
         self._replaced: list[str] = []
-        self._acted_on: list[str] = []  # what this callback replaced, seen by a second DeepControl
         self._input_checks: list[RemovableHandle] = []
         self._model_ref: Optional[weakref.ReferenceType] = None
 
@@ -113,12 +110,10 @@ class DeepControl(Callback):
             return  # validate / test / predict never change the model
         if self._model_ref is not None and self._model_ref() is pl_module:
             return  # a second fit of the same model: the surgery is done
-        _check_single_owner(trainer, self, self._selects, "BatchNorm layer(s)")
         self._model_ref = weakref.ref(pl_module)
         # replace_batchnorm refuses an `exclude` pattern that matches no module
         replaced = replace_batchnorm(pl_module, "agc", beta_init=self._beta_init, exclude=self._exclude)
         self._replaced = list(replaced)
-        self._acted_on = list(replaced)
         self._guard_feature_inputs(replaced)
         if replaced:
             if _runs_in_worker_processes(trainer):
@@ -141,10 +136,6 @@ class DeepControl(Callback):
                 "your convolutions yourself, or use `MeanShiftRejection`.",
                 category=MSRWarning,
             )
-
-    def _selects(self, name: str) -> bool:
-        """Whether this callback would replace the BatchNorm called ``name`` (it is not excluded)."""
-        return not any(fnmatchcase(name, pattern) for pattern in self._exclude)
 
     def _guard_feature_inputs(self, replaced: Replacements) -> None:
         """Name the layer and ``exclude`` if a replaced BatchNorm turns out to see ``(N, C)`` features.
