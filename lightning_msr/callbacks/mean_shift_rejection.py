@@ -93,8 +93,11 @@ class MeanShiftRejection(Callback):
     * at ``setup("fit")`` -- before checkpoint weights are restored, before ``configure_optimizers`` and
       before DDP broadcasts rank 0's weights -- it initialises every conv kernel to zero mean with filter
       norm ``init_magnitude`` (``init="zero_mean"``), or centres the existing, e.g. pretrained, kernels
-      (``init="center"``). A model is never initialised twice, and a fit resumed from a checkpoint keeps the
-      checkpoint's weights;
+      (``init="center"``). Frozen weights (``requires_grad=False``) are left as they are, with a warning. A
+      model is never initialised twice (a later fit asking for other settings is warned that nothing is
+      redrawn), and a fit resumed from a checkpoint keeps the checkpoint's weights -- a checkpoint trained
+      without MSR gets a warning that its kernels are not zero-mean, or with ``init="center"`` is centred
+      once restored;
     * for every optimizer step it subtracts ``alpha`` times the kernel-wise mean from the conv-weight
       gradients (``g <- g - alpha * mean(g)``, an exact projection for ``alpha = 1``), so SGD with momentum,
       Nesterov and weight decay keeps the kernels on the zero-mean isocline;
@@ -134,15 +137,21 @@ class MeanShiftRejection(Callback):
             keep and train freely. Pass ``init_magnitude=1.414`` with it; see the settings guide.
         projection_timing: ``"auto"``, ``"backward"`` (project in each kernel's post-accumulate-grad hook;
             exact for ``alpha == 1`` only) or ``"optimizer_step"`` (project in ``on_before_optimizer_step``).
-        exclude: module-name patterns (``fnmatch`` syntax, e.g. ``["stem.*", "head"]``) left untouched.
+        exclude: module-name patterns (``fnmatch`` syntax, e.g. ``["stem.*", "head"]``) left untouched. Every
+            pattern must match a module of the model.
         strict: raise instead of warning when the model has no conv layer to act on.
         seed: seed of the initialisation draw; ``None`` uses ``torch.initial_seed()``, so ``seed_everything``
             makes it reproducible. The draw never advances the global RNG.
 
     Raises:
         MSRConfigurationError: for an argument out of range (at construction), and at ``setup`` for BatchNorm
-            with ``batchnorm="error"``, for sharded strategies (FSDP, DeepSpeed), or for a model without
-            conv layers when ``strict=True``.
+            with ``batchnorm="error"``, for sharded strategies (FSDP, DeepSpeed), for an ``exclude`` pattern
+            that matches no module, for a second ``MeanShiftRejection`` in the Trainer acting on some of the
+            same weights, or for a model without conv layers when ``strict=True``.
+
+    With 16-bit weights (``precision="bf16-true"`` or ``"16-true"``) the kernels can only be zero-mean, and
+    ``keep_magnitude`` can only hold the norms, to the precision of the weight dtype (about ``8e-3`` relative
+    for bfloat16); a warning says so. ``"bf16-mixed"`` keeps float32 weights and exact MSR.
 
     Example::
 
