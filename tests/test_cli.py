@@ -226,12 +226,26 @@ def test_fit_help_lists_the_callbacks_and_their_argument_types(capsys):
     assert "type: PositiveFloat, default: 1.0" in out
 
 
-def test_strategy_by_class_path(tmp_path):
+@pytest.mark.parametrize(
+    ("flags", "broadcast_buffers"),
+    [
+        (["--trainer.strategy=ddp_msr"], False),
+        (["--trainer.strategy.class_path=lightning_msr.MSRDDPStrategy"], False),
+        (
+            [
+                "--trainer.strategy.class_path=lightning_msr.MSRDDPStrategy",
+                "--trainer.strategy.init_args.broadcast_buffers=true",
+            ],
+            True,
+        ),
+    ],
+    ids=["name", "class_path", "class_path-init_args"],
+)
+def test_ddp_msr_strategy_from_flags(tmp_path, flags, broadcast_buffers):
     """`--trainer.strategy` alone takes a registered name (`ddp_msr`); a class path goes in `.class_path`."""
     cli = cli_main(
         [
-            "--trainer.strategy.class_path=lightning_msr.MSRDDPStrategy",
-            "--trainer.strategy.init_args.broadcast_buffers=true",
+            *flags,
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",
             "--trainer.logger=false",
@@ -240,21 +254,7 @@ def test_strategy_by_class_path(tmp_path):
         run=False,
     )
     assert isinstance(cli.trainer.strategy, lightning_msr.MSRDDPStrategy)
-    assert cli.trainer.strategy.broadcast_buffers is True
-
-
-def test_ddp_msr_strategy_from_a_flag(tmp_path):
-    cli = cli_main(
-        [
-            "--trainer.strategy=ddp_msr",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.logger=false",
-            f"--trainer.default_root_dir={tmp_path}",
-        ],
-        run=False,
-    )
-    assert isinstance(cli.trainer.strategy, lightning_msr.MSRDDPStrategy)
+    assert cli.trainer.strategy.broadcast_buffers is broadcast_buffers
 
 
 def test_script_runs_from_any_directory(tmp_path):

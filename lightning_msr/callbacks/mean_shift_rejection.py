@@ -62,6 +62,10 @@ _INIT_FLAG = "_lightning_msr_initialized"
 _INIT_SETTINGS = "_lightning_msr_init_settings"
 
 
+def _settings(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in settings.items())
+
+
 def _unsupported_strategy(strategy: Any) -> Optional[str]:
     names = {cls.__name__ for cls in type(strategy).__mro__}
     for name, why in (
@@ -411,11 +415,10 @@ class MeanShiftRejection(Callback):
         if before is None or before == now:
             rank_zero_info("MeanShiftRejection: the model was initialised by an earlier fit; its weights are kept.")
             return
-        shown = lambda settings: ", ".join(f"{k}={v!r}" for k, v in settings.items())  # noqa: E731
         rank_zero_warn(
-            f"MeanShiftRejection: the model was already initialised by an earlier fit ({shown(before)}), so it is "
-            f"not initialised again with {shown(now)}: the weights it has now are kept. To draw new kernels, build "
-            "a new model (or call `lightning_msr.functional.zero_mean_init_` on its conv weights) before `fit`.",
+            f"MeanShiftRejection: the model was already initialised by an earlier fit ({_settings(before)}), so it "
+            f"is not initialised again with {_settings(now)}: the weights it has now are kept. To draw new kernels, "
+            "build a new model (or call `lightning_msr.functional.zero_mean_init_` on its conv weights) before `fit`.",
             category=MSRWarning,
         )
 
