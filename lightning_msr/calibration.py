@@ -237,7 +237,10 @@ def _find_sites(model: nn.Module, convs: Optional[Sequence[nn.Module]], exclude:
     for name, module in model.named_modules():
         if any(fnmatchcase(name, p) for p in exclude):
             continue
-        if gain_parameters(module) is not None and not isinstance(module, nn.modules.conv._ConvNd):
+        gain = gain_parameters(module)
+        if gain is not None and not isinstance(module, nn.modules.conv._ConvNd):
+            if not gain[0].requires_grad:
+                continue  # a frozen gain (e.g. of a frozen pretrained backbone) is the user's, not ours
             sites.append(_Site(name, module, "gain", name in branch_ends))
         elif isinstance(module, nn.modules.conv._ConvNd) and (allowed is None or id(module) in allowed):
             # a conv that ends a branch itself (no gain after it) is scaled down; one followed by a gain is not

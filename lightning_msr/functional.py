@@ -48,7 +48,14 @@ from typing import Literal, NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_msr._checks import _check_bool, _check_choice, _check_in_range, _check_names, _check_positive
+from lightning_msr._checks import (
+    _check_bool,
+    _check_choice,
+    _check_in_range,
+    _check_names,
+    _check_patterns_match,
+    _check_positive,
+)
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 
 __all__ = [
@@ -236,7 +243,8 @@ def mean_shift(
 
     ``0`` means every kernel is exactly zero-mean; a freshly built ``nn.Conv2d`` gives about ``0.2``-``0.6``.
     The value is a float32 scalar tensor on the weight's device (``0`` for an all-zero weight or one whose
-    groups cannot be centred).
+    groups cannot be centred). A weight holding a NaN or an infinity gives NaN (or inf), never 0, so a
+    diverged model does not look zero-mean.
 
     Args:
         weight: a conv (or Linear) weight.
@@ -259,14 +267,22 @@ def mean_shift(
     with torch.no_grad():
         w = weight.detach().float()
         if layout is None:
-            return w.new_zeros(())
+            return w.sum() * 0.0  # 0, or NaN when the weight holds NaN/inf
         rms = w.square().mean().sqrt()
         means = w.reshape(layout).mean(dim=1).abs().max()
-        return torch.where(rms > 0, means / torch.clamp(rms, min=torch.finfo(torch.float32).tiny), 0.0)
+        # Only an all-zero weight reads 0; a NaN/inf anywhere makes rms (and so the ratio) NaN or inf, so a
+        # diverged model can never look zero-mean (NaN compares False, so `rms > 0` would have hidden it).
+        return torch.where(rms == 0, 0.0, means / torch.clamp(rms, min=torch.finfo(torch.float32).tiny))
 
 
 def _filter_norms(w: Tensor, mode: str, transposed: bool, groups: int, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Euclidean norm of every output filter, broadcastable against ``w``, accumulated in ``dtype`` if given."""
+    """Euclidean norm of every output filter, broadcastable against ``w``.
+
+    With ``dtype`` the norms are accumulated in at least ``dtype``: ``float32`` gives float32 norms of
+    float16/bfloat16/float32 weights and float64 norms of float64 weights (never a narrowing cast).
+    """
+    if dtype is not None:
+        dtype = torch.promote_types(w.dtype, dtype)
     if transposed and mode == "kernel" and w.dim() > 2:
         # ConvTranspose weight (in, out/g, *k): output channel j of group c reads w[c*in/g:(c+1)*in/g, j].
         view = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1)
@@ -439,6 +455,11 @@ def eligible_weights(
         model: the model to search.
         include_linear: also return ``nn.Linear`` weights (centred over their inputs).
         exclude: module-name patterns (``fnmatch`` syntax, e.g. ``"stem.*"``) whose weights are left out.
+            Every pattern must match a module of ``model``.
+
+    Raises:
+        MSRConfigurationError: for an ``exclude`` pattern that matches no module (a typo would otherwise
+            silently act on the layer meant to be left out).
 
     Example::
 
@@ -452,6 +473,7 @@ def eligible_weights(
     """
     _check_bool("include_linear", include_linear)
     patterns = _check_names("exclude", exclude)
+    _check_patterns_match("exclude", patterns, model)
     found: list[KernelWeight] = []
     seen: set[int] = set()
     for module_name, module in model.named_modules():

@@ -40,9 +40,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from lightning_msr._checks import _check_bool, _check_choice, _check_names
+from lightning_msr._checks import _check_beta_init, _check_bool, _check_choice, _check_names, _check_patterns_match
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
-from lightning_msr.nn.affine import ChannelAffine, _check_finite
+from lightning_msr.nn.affine import ChannelAffine
 from lightning_msr.nn.gain_control import AutomaticGainControl
 
 __all__ = ["Replacements", "find_batchnorm", "replace_batchnorm"]
@@ -194,18 +194,20 @@ def replace_batchnorm(
     Args:
         module: the model, changed in place.
         replacement: ``"affine"``, ``"agc"`` or ``"identity"``.
-        beta_init: initial ``beta`` of the ``"agc"`` layers.
+        beta_init: initial ``beta`` of the ``"agc"`` layers, in ``[0, 1]``.
         fold_running_stats: ``"affine"`` only: fold each BatchNorm's running statistics into the new scale
             and bias, so the converted model computes what the BatchNorm model computes in evaluation
             mode. Use it to convert a *trained* model (e.g. pretrained weights) for fine-tuning.
         exclude: module-name patterns (``fnmatch`` syntax, e.g. ``"head.*"``) of BatchNorm layers to keep.
+            Every pattern must match a module of ``module``.
 
     Returns:
         A :class:`Replacements`: ``{qualified name: old BatchNorm}``, with ``.module`` (the model after
         surgery; a new object only when ``module`` itself was a BatchNorm) and ``.new_modules``.
 
     Raises:
-        MSRConfigurationError: on an unknown ``replacement`` or invalid option; if the model is, or contains,
+        MSRConfigurationError: on an unknown ``replacement`` or invalid option (``beta_init`` outside
+            ``[0, 1]``, an ``exclude`` pattern that matches no module); if the model is, or contains,
             a ``DistributedDataParallel``/``DataParallel``/FSDP wrapper; for an uninitialised lazy BatchNorm;
             for a BatchNorm subclass with its own ``forward`` or submodules (use ``exclude``).
 
@@ -225,7 +227,7 @@ def replace_batchnorm(
         torch.Size([1, 8, 12, 12])
     """
     _check_choice("replacement", replacement, _REPLACEMENTS)
-    beta_init = _check_finite("beta_init", beta_init)
+    beta_init = _check_beta_init(beta_init)
     _check_bool("fold_running_stats", fold_running_stats)
     if fold_running_stats and replacement != "affine":
         raise MSRConfigurationError(
@@ -246,6 +248,7 @@ def replace_batchnorm(
                 "`DeepControl` or `MeanShiftRejection(batchnorm='replace')` callback, which runs before DDP."
             )
 
+    _check_patterns_match("exclude", patterns, module)
     result = Replacements(module)
     found = find_batchnorm(module, patterns)
     if not found:

@@ -159,18 +159,97 @@ def test_bad_model_flag_is_a_parser_error(capsys):
     assert "norm" in err and "layernorm" in err
 
 
-def test_out_of_range_flag_value_names_the_argument(tmp_path):
-    # well-typed but out of range: the callback's own check runs when LightningCLI instantiates it
-    with pytest.raises(ValueError, match=r"Expected `alpha` to be in \[0, 1\], but got 2.0"):
-        cli_main(["fit", "--trainer.callbacks+=lightning_msr.MeanShiftRejection", "--trainer.callbacks.alpha=2"])
-    with pytest.raises(ValueError, match=r"Expected `scale` to be"):
-        cli_main(["fit", "--trainer.callbacks+=lightning_msr.NoiseInjection", "--trainer.callbacks.scale=-0.1"])
+@pytest.mark.parametrize(
+    ("callback", "flag", "named", "restriction"),
+    [
+        ("MeanShiftRejection", "--trainer.callbacks.alpha=2", "alpha", "v>=0 and v<=1"),
+        ("MeanShiftRejection", "--trainer.callbacks.alpha=-0.5", "alpha", "v>=0 and v<=1"),
+        ("MeanShiftRejection", "--trainer.callbacks.init_magnitude=0", "init_magnitude", "v>0"),
+        ("NoiseInjection", "--trainer.callbacks.scale=-0.1", "scale", "v>=0"),
+        ("NoiseInjection", "--trainer.callbacks.final_shift=-1", "final_shift", "v>=0"),
+        ("DeepControl", "--trainer.callbacks.beta_init=5", "beta_init", "v>=0 and v<=1"),
+    ],
+)
+def test_out_of_range_flag_value_is_a_parser_error_naming_the_argument(capsys, callback, flag, named, restriction):
+    """Range-typed constructor arguments: LightningCLI refuses the value while parsing (usage error, exit 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", f"--trainer.callbacks+=lightning_msr.{callback}", flag])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f'Parser key "{named}"' in err
+    assert f"does not conform to restriction {restriction}" in err and flag.split("=")[1] in err
+    assert "Traceback" not in err
 
 
-def test_ddp_msr_strategy_from_a_flag(tmp_path):
+def test_in_range_values_of_every_type_reach_the_callbacks(tmp_path):
     cli = cli_main(
         [
-            "--trainer.strategy=ddp_msr",
+            "--trainer.callbacks+=lightning_msr.MeanShiftRejection",
+            "--trainer.callbacks.alpha=1",  # an int where a float in [0, 1] is expected
+            "--trainer.callbacks.init_magnitude=1.414",
+            "--trainer.callbacks+=lightning_msr.NoiseInjection",
+            "--trainer.callbacks.scale=0.2",
+            "--trainer.callbacks.final_scale=0",
+            "--trainer.callbacks.schedule=cosine",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    msr, noise = (c for c in cli.trainer.callbacks if type(c).__module__.startswith("lightning_msr"))
+    assert type(msr.alpha) is float and msr.alpha == 1.0 and "init_magnitude=1.414" in repr(msr)
+    assert "scale=0.2" in repr(noise) and "final_scale=0.0" in repr(noise)
+
+
+def test_checks_that_depend_on_several_arguments_run_when_the_callback_is_built():
+    # each value is in range on its own; together they are not: the callback's own check names them
+    with pytest.raises(ValueError, match=r"Expected `scale` to be in \[0, 1\], but got 1.5"):
+        cli_main(["fit", "--trainer.callbacks+=lightning_msr.NoiseInjection", "--trainer.callbacks.scale=1.5"])
+    with pytest.raises(ValueError, match=r"'backward' with alpha=0.5"):
+        cli_main(
+            [
+                "fit",
+                "--trainer.callbacks+=lightning_msr.MeanShiftRejection",
+                "--trainer.callbacks.alpha=0.5",
+                "--trainer.callbacks.projection_timing=backward",
+            ]
+        )
+
+
+def test_fit_help_lists_the_callbacks_and_their_argument_types(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--help"])
+    assert exit_info.value.code in (0, None)
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name in ("lightning_msr.DeepControl", "lightning_msr.MeanShiftRejection", "lightning_msr.NoiseInjection"):
+        assert name in out
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--trainer.callbacks.help", "lightning_msr.MeanShiftRejection"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--trainer.callbacks.alpha ALPHA" in out and "type: ClosedUnitInterval, default: 1.0" in out
+    assert "type: PositiveFloat, default: 1.0" in out
+
+
+@pytest.mark.parametrize(
+    ("flags", "broadcast_buffers"),
+    [
+        (["--trainer.strategy=ddp_msr"], False),
+        (["--trainer.strategy.class_path=lightning_msr.MSRDDPStrategy"], False),
+        (
+            [
+                "--trainer.strategy.class_path=lightning_msr.MSRDDPStrategy",
+                "--trainer.strategy.init_args.broadcast_buffers=true",
+            ],
+            True,
+        ),
+    ],
+    ids=["name", "class_path", "class_path-init_args"],
+)
+def test_ddp_msr_strategy_from_flags(tmp_path, flags, broadcast_buffers):
+    """`--trainer.strategy` alone takes a registered name (`ddp_msr`); a class path goes in `.class_path`."""
+    cli = cli_main(
+        [
+            *flags,
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",
             "--trainer.logger=false",
@@ -179,6 +258,7 @@ def test_ddp_msr_strategy_from_a_flag(tmp_path):
         run=False,
     )
     assert isinstance(cli.trainer.strategy, lightning_msr.MSRDDPStrategy)
+    assert cli.trainer.strategy.broadcast_buffers is broadcast_buffers
 
 
 def test_script_runs_from_any_directory(tmp_path):

@@ -216,8 +216,8 @@ def test_state_dict_mismatch_warns():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"beta_init": float("nan")}, "Expected `beta_init` to be a finite number, but got nan."),
-        ({"beta_init": "1"}, "Expected `beta_init` to be a finite number"),
+        ({"beta_init": float("nan")}, r"Expected `beta_init` to be in \[0, 1\], but got nan."),
+        ({"beta_init": "1"}, r"Expected `beta_init` to be a number in \[0, 1\], but got .1. of type str"),
         ({"exclude": [3]}, "Expected `exclude` to be a list of module-name patterns"),
     ],
 )
@@ -258,3 +258,67 @@ def test_warns_that_spawned_workers_do_not_convert_the_main_process_model(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error", MSRWarning)
         DeepControl().setup(trainer(tmp_path), ResNetModule(), "fit")  # in-process: no warning
+
+
+# ---------------------------------------------------------------- what a new user runs into (issue 16)
+
+
+class MLPHead(L.LightningModule):
+    """A conv body with BatchNorm2d and an MLP head with a BatchNorm1d on (N, C) features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.body(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_batchnorm1d_on_features_names_the_layer_and_exclude(tmp_path):
+    with pytest.raises(
+        MSRConfigurationError,
+        match=r"DeepControl replaced the BatchNorm `head.2` by an AutomaticGainControl, .* but `head.2` gets \(N, C\) "
+        r"features of shape \(2, 8\) .* Leave it out with `DeepControl\(exclude=\['head.2'\]\)`",
+    ):
+        trainer(tmp_path, max_steps=1, callbacks=[DeepControl()]).fit(MLPHead(), images(batch_size=2))
+    # the fix the message gives works, and the spatial BatchNorm is still replaced
+    model = MLPHead()
+    callback = DeepControl(exclude=["head.2"])
+    trainer(tmp_path, max_steps=2, callbacks=[callback]).fit(model, images(batch_size=2))
+    assert callback.replaced == ["body.1"] and batchnorms(model) == ["head.2"]
+    # the first-input check removes itself once it has run: no hook is left behind
+    assert not model.body[1]._forward_pre_hooks
+
+
+def test_exclude_pattern_matching_nothing_is_refused(tmp_path):
+    model = ResNetModule()
+    with pytest.raises(
+        MSRConfigurationError,
+        match=r"The `exclude` pattern 'net.layer5.\*' matches no module of ResNetModule. Module names look like "
+        r"\['net', 'net.conv1', 'net.bn1', 'net.relu', ...\]",
+    ):
+        trainer(tmp_path, max_steps=1, callbacks=[DeepControl(exclude=["net.layer5.*"])]).fit(model, images())
+    assert len(batchnorms(model)) == 20  # nothing replaced
+
+
+@pytest.mark.parametrize("beta_init", [-0.1, 1.5, 5.0])
+def test_beta_init_outside_0_1_is_refused(beta_init):
+    with pytest.raises(MSRConfigurationError, match=rf"Expected `beta_init` to be in \[0, 1\], but got {beta_init}"):
+        DeepControl(beta_init=beta_init)
+
+
+def test_beta_init_accepts_any_real_number():
+    from fractions import Fraction
+
+    import numpy as np
+
+    for value in (np.float32(0.5), torch.tensor(0.5), Fraction(1, 2)):
+        assert repr(DeepControl(beta_init=value)) == "DeepControl(beta_init=0.5, exclude=None)"
+    for value in (True, torch.tensor([0.5]), 0.5j):
+        with pytest.raises(MSRConfigurationError, match="Expected `beta_init` to be a number in"):
+            DeepControl(beta_init=value)

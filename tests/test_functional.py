@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from decimal import Decimal
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
-from lightning_msr.functional import eligible_weights, mean_shift, project_mean_, zero_mean_init_
+from lightning_msr.functional import _filter_norms, eligible_weights, mean_shift, project_mean_, zero_mean_init_
 
 
 def reference_group_mean(weight: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
@@ -244,3 +247,67 @@ def test_eligible_weights_finds_convs_transposed_and_shared_once():
     assert eligible_weights(net, include_linear=True)[-1].name == "head.weight"
     lazy = nn.Sequential(nn.LazyConv2d(4, 3))
     assert eligible_weights(lazy) == []
+
+
+# ---------------------------------------------------------------- what a new user runs into (issue 16)
+
+
+def _zero_mean_kernels() -> torch.Tensor:
+    w = torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    return w - w.mean(dim=(2, 3), keepdim=True)
+
+
+def _with(value: float) -> torch.Tensor:
+    w = _zero_mean_kernels()
+    w[1, 0, 2, 1] = value
+    return w
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [torch.full((4, 2, 3, 3), float("nan")), _with(float("nan")), _with(float("inf")), _with(float("-inf"))],
+    ids=["all-nan", "one-nan", "one-inf", "one-minus-inf"],
+)
+@pytest.mark.parametrize("mode", ["kernel", "filter"])
+def test_mean_shift_of_a_non_finite_weight_is_never_zero(weight, mode):
+    shift = float(mean_shift(weight, mode=mode))
+    assert math.isnan(shift) or math.isinf(shift)
+    assert float(mean_shift(_zero_mean_kernels())) < 1e-6  # the finite control reads 0
+    assert float(mean_shift(torch.zeros(4, 2, 3, 3))) == 0.0
+
+
+def test_mean_shift_of_an_uncentrable_non_finite_weight_is_nan():
+    assert float(mean_shift(torch.ones(3, 1, 1, 1))) == 0.0
+    assert math.isnan(float(mean_shift(torch.full((3, 1, 1, 1), float("inf")))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_filter_norms_are_accumulated_in_at_least_float32(dtype, transposed):
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64).to(dtype)
+    norms = _filter_norms(w, "kernel", transposed, 2, dtype=torch.float32)
+    assert norms.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    exact = _filter_norms(w.double(), "kernel", transposed, 2)
+    torch.testing.assert_close(norms.double(), exact, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+
+
+def test_eligible_weights_refuses_an_exclude_pattern_that_matches_nothing():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 3)))
+    with pytest.raises(
+        MSRConfigurationError,
+        match=r"The `exclude` pattern '2' matches no module of Sequential. Module names look like \['0', '1', '1.0'\]",
+    ):
+        eligible_weights(net, exclude=["0", "2"])
+    assert [w.name for w in eligible_weights(net, exclude=["1.*"])] == ["0.weight"]
+
+
+@pytest.mark.parametrize("alpha", [np.float32(0.5), torch.tensor(0.5), Fraction(1, 2), Decimal("0.5")])
+def test_project_mean_accepts_any_real_alpha(alpha):
+    g = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]]]])
+    torch.testing.assert_close(project_mean_(g.clone(), alpha=alpha), project_mean_(g.clone(), alpha=0.5))
+
+
+@pytest.mark.parametrize("alpha", [True, np.bool_(True), torch.tensor(True), 0.5 + 0j, torch.tensor([0.5]), "0.5"])
+def test_project_mean_refuses_bool_and_non_real_alpha(alpha):
+    with pytest.raises(MSRConfigurationError, match=r"Expected `alpha` to be a number in \[0, 1\], but got"):
+        project_mean_(torch.randn(2, 2, 3), alpha=alpha)

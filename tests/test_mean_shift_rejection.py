@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
+from fractions import Fraction
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from helpers import OPTIMIZERS, ConvNet, WeightRecorder, conv_weights, loader, trainer
@@ -451,3 +454,202 @@ def test_barebones_trainer_trains_without_logging(tmp_path):
     trainer(tmp_path, max_epochs=1, barebones=True, logger=None, enable_checkpointing=None, enable_progress_bar=None,
             enable_model_summary=None, callbacks=[MeanShiftRejection()]).fit(model, loader())
     assert worst_mean_shift(model) < 1e-5
+
+
+# ---------------------------------------------------------------- what a new user runs into (issue 16)
+
+
+def test_keep_magnitude_on_float64_weights(tmp_path):
+    """Norms are accumulated in at least float32: float64 weights keep float64 norms instead of crashing."""
+    L.seed_everything(0)
+    model = ConvNet("adamw")
+    cb, recorder = MeanShiftRejection(keep_magnitude=True), WeightRecorder()
+    trainer(tmp_path, max_steps=3, precision="64-true", callbacks=[cb, recorder]).fit(model, loader())
+    assert model.features[0].weight.dtype == torch.float64
+    for w in cb.weights:
+        start = recorder.at_fit_start[w.name]
+        assert not torch.equal(w.parameter, start)  # it trained
+        norms = _filter_norms(w.parameter.detach(), "kernel", w.transposed, w.groups)
+        torch.testing.assert_close(norms, _filter_norms(start, "kernel", w.transposed, w.groups), rtol=1e-12, atol=0)
+    assert worst_mean_shift(model) < 1e-5
+
+
+class Poison(L.Callback):
+    """Writes a NaN into the first conv weight after the second training batch, as a diverging run would."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            with torch.no_grad():
+                pl_module.features[0].weight[0, 0, 0, 0] = float("nan")
+
+
+def test_logged_mean_shift_shows_a_diverged_weight(tmp_path):
+    import csv
+
+    L.seed_everything(0)
+    logger = CSVLogger(tmp_path, name="logs")
+    trainer(tmp_path, max_steps=3, log_every_n_steps=1, logger=logger, callbacks=[Poison(), MeanShiftRejection()]).fit(
+        ConvNet(), loader()
+    )
+    rows = [r for r in csv.DictReader(open(logger.log_dir + "/metrics.csv")) if r.get("msr/mean_shift")]
+    values = [float(r["msr/mean_shift"]) for r in rows]
+    assert len(values) == 3 and values[0] < 1e-5
+    assert math.isnan(values[1]) and math.isnan(values[2])  # not 0: a NaN weight never reads as zero-mean
+
+
+def test_exclude_pattern_matching_nothing_is_refused(tmp_path):
+    model = ConvNet()
+    before = conv_weights(model)
+    with pytest.raises(
+        MSRConfigurationError,
+        match=r"The `exclude` pattern 'featurse.0' matches no module of ConvNet. Module names look like "
+        r"\['features', 'features.0', 'features.1', 'features.2', ...\]",
+    ):
+        trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(exclude=["featurse.0"])]).fit(model, loader())
+    for name, value in conv_weights(model).items():  # refused before anything was drawn
+        assert torch.equal(value, before[name])
+
+
+def test_two_callbacks_on_the_same_weights_are_refused(tmp_path):
+    first, second = MeanShiftRejection(alpha=1.0), MeanShiftRejection(alpha=0.5)
+    with pytest.raises(
+        MSRConfigurationError,
+        match=r"Two MeanShiftRejection callbacks act on the same 5 conv weight\(s\) \('features.0.weight', .*\): "
+        r"MeanShiftRejection\(alpha=1.0, .*\) and MeanShiftRejection\(alpha=0.5, .*\)\. .*`exclude`",
+    ):
+        trainer(tmp_path, max_steps=1, callbacks=[first, second]).fit(ConvNet(), loader())
+
+
+def test_two_callbacks_on_disjoint_weights_both_act(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet()
+    stem = MeanShiftRejection(exclude=["features.[1-9]*"])
+    body = MeanShiftRejection(alpha=0.5, exclude=["features.0"])
+    trainer(tmp_path, max_steps=2, callbacks=[stem, body]).fit(model, loader())
+    assert [w.name for w in stem.weights] == ["features.0.weight"]
+    assert "features.0.weight" not in [w.name for w in body.weights] and len(body.weights) == 4
+
+
+def test_frozen_conv_weights_are_not_redrawn(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet()
+    model.features[0].weight.requires_grad_(False)  # e.g. a frozen pretrained stem
+    frozen = model.features[0].weight.detach().clone()
+    with pytest.warns(
+        MSRWarning, match=r"leaves 1 frozen conv weight\(s\) \(requires_grad=False\) as they are: .*'features.0.weight'"
+    ):
+        trainer(tmp_path, max_steps=3, callbacks=[MeanShiftRejection()]).fit(model, loader())
+    assert torch.equal(model.features[0].weight, frozen)  # not redrawn, not projected, not re-centred
+    assert float(mean_shift(model.features[4].weight)) < 1e-5  # the trainable ones were initialised
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_frozen_conv_weights_are_not_centred(tmp_path, optimizer):
+    L.seed_everything(0)
+    model = ConvNet(optimizer)
+    model.features[0].weight.requires_grad_(False)
+    frozen = model.features[0].weight.detach().clone()
+    with pytest.warns(MSRWarning, match=r"init='center' centres only trainable weights"):
+        trainer(tmp_path, max_steps=3, callbacks=[MeanShiftRejection(init="center", keep_magnitude=True)]).fit(
+            model, loader()
+        )
+    assert torch.equal(model.features[0].weight, frozen)
+    assert float(mean_shift(model.features[4].weight)) < 1e-5
+
+
+def _checkpoint_without_msr(tmp_path) -> str:
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "plain", save_last=True)
+    trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[ckpt]).fit(ConvNet(), loader())
+    return ckpt.last_model_path
+
+
+def test_resuming_a_checkpoint_trained_without_msr_warns_and_keeps_the_weights(tmp_path):
+    path = _checkpoint_without_msr(tmp_path)
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    recorder = WeightRecorder()
+    with pytest.warns(
+        MSRWarning,
+        match=r"was not trained with MeanShiftRejection: its kernels are not zero-mean \(worst mean shift .* in "
+        r"'features\.\d+\.weight'\).*resume with `MeanShiftRejection\(init='center'\)`",
+    ):
+        trainer(tmp_path, max_steps=4, callbacks=[MeanShiftRejection(), recorder]).fit(
+            ConvNet(), loader(), ckpt_path=path
+        )
+    for name, value in saved.items():  # nothing was changed without being asked
+        torch.testing.assert_close(recorder.at_fit_start[name], value, rtol=0, atol=0)
+
+
+def test_resuming_a_checkpoint_trained_without_msr_with_init_center_centres_it(tmp_path):
+    path = _checkpoint_without_msr(tmp_path)
+    model = ConvNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MSRWarning)
+        trainer(tmp_path, max_steps=4, callbacks=[MeanShiftRejection(init="center")]).fit(
+            model, loader(), ckpt_path=path
+        )
+    assert worst_mean_shift(model) < 1e-5
+
+
+def test_resuming_an_msr_checkpoint_does_not_warn(tmp_path):
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "msr", save_last=True)
+    trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[MeanShiftRejection(), ckpt]).fit(
+        ConvNet(), loader()
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MSRWarning)
+        trainer(tmp_path, max_steps=4, callbacks=[MeanShiftRejection()]).fit(
+            ConvNet(), loader(), ckpt_path=ckpt.last_model_path
+        )
+
+
+def test_second_fit_with_other_init_settings_says_no_redraw_happens(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet()
+    trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection()]).fit(model, loader())
+    before = conv_weights(model)
+    recorder = WeightRecorder()
+    with pytest.warns(
+        MSRWarning,
+        match=r"already initialised by an earlier fit \(init='zero_mean', init_magnitude=1.0, seed=None\), so it is "
+        r"not initialised again with init='zero_mean', init_magnitude=2.0, seed=None",
+    ):
+        trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(init_magnitude=2.0), recorder]).fit(
+            model, loader()
+        )
+    for name, value in before.items():
+        assert torch.equal(recorder.at_fit_start[name], value)
+    with warnings.catch_warnings():  # the same settings again: nothing to warn about
+        warnings.simplefilter("error", MSRWarning)
+        trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection()]).fit(model, loader())
+
+
+def test_bf16_true_weights_are_warned_about(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet()
+    with pytest.warns(
+        MSRWarning,
+        match=r"5 weight\(s\) stored in torch.bfloat16 .* zero-mean only to that precision .* `keep_magnitude` holds "
+        r"the filter norms to about 8e-03 relative.*precision='bf16-mixed'",
+    ):
+        trainer(tmp_path, max_steps=1, precision="bf16-true", callbacks=[MeanShiftRejection(keep_magnitude=True)]).fit(
+            model, loader()
+        )
+    assert model.features[0].weight.dtype == torch.bfloat16
+    assert 1e-5 < worst_mean_shift(model) < 2e-2  # what the warning announces
+    with warnings.catch_warnings():  # float32 weights: no such warning
+        warnings.simplefilter("error", MSRWarning)
+        trainer(tmp_path, max_steps=1, precision="bf16-mixed", callbacks=[MeanShiftRejection()]).fit(
+            ConvNet(), loader()
+        )
+
+
+@pytest.mark.parametrize(
+    "alpha",
+    [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64), Fraction(1, 2)],
+)
+def test_any_real_number_is_accepted(alpha):
+    cb = MeanShiftRejection(alpha=alpha, init_magnitude=np.float32(2.0), seed=np.int64(3))
+    assert cb.alpha == 0.5 and type(cb.alpha) is float
+    assert "init_magnitude=2.0" in repr(cb)

@@ -722,3 +722,36 @@ def test_barebones_trainer_gets_noise_without_logging_warnings(tmp_path):
         model = fit(tmp_path, NoiseInjection(scale=0.2, shift=0.1), barebones=True, max_steps=2)
     assert [r["noisy"] for r in model.train_records] == [True, True]
     assert not [w for w in caught if "self.log" in str(w.message)]
+
+
+# ---------------------------------------------------------------- what a new user runs into (issue 16)
+
+
+def test_two_callbacks_on_the_same_modules_are_refused(tmp_path):
+    model = NoiseNet()
+    first, second = NoiseInjection(scale=0.1), NoiseInjection(scale=0.2, module_names=["conv"])
+    with pytest.raises(
+        MSRConfigurationError,
+        match=r"Two NoiseInjection callbacks act on the same 1 module\(s\) \('conv'\): NoiseInjection\(scale=0.1, .*\) "
+        r"and NoiseInjection\(scale=0.2, .*module_names=\['conv'\]\)\. .*`exclude` \(or `module_names`\)",
+    ):
+        fit(tmp_path, callbacks=[first, second], model=model, max_steps=1)
+    assert not any(module._forward_hooks for module in model.modules())  # nothing left hooked
+
+
+def test_two_callbacks_on_disjoint_modules_both_act(tmp_path):
+    conv_noise, probe_noise = NoiseInjection(scale=0.1, exclude=["probe"]), NoiseInjection(module_names=["probe"])
+    model = fit(tmp_path, callbacks=[conv_noise, probe_noise], max_steps=2)
+    # the conv has one noise hook (not two), and the probe gets noise from the second callback
+    assert all(record["noisy"] and record["hooks"] == 1 for record in model.train_records)
+    assert all(not torch.all(probe == 1.0) for probe in model.noise)
+
+
+def test_noise_levels_accept_any_real_number():
+    import numpy as np
+
+    noise = NoiseInjection(scale=np.float32(0.25), shift=torch.tensor(0.5), seed=np.int64(7))
+    assert (noise.current_scale, noise.current_shift) == (0.25, 0.5)
+    assert "seed=7" in repr(noise)
+    with pytest.raises(MSRConfigurationError, match=r"Expected `scale` to be a number in \[0, 1\], but got True"):
+        NoiseInjection(scale=True)

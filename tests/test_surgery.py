@@ -254,7 +254,7 @@ def test_batchnorm_subclasses():
     ("kwargs", "match"),
     [
         ({"replacement": "instance"}, "Expected `replacement` to be one of 'affine', 'agc', 'identity'"),
-        ({"beta_init": float("inf")}, "Expected `beta_init` to be a finite number, but got inf."),
+        ({"beta_init": float("inf")}, r"Expected `beta_init` to be in \[0, 1\], but got inf."),
         ({"fold_running_stats": 1}, "Expected `fold_running_stats` to be True or False, but got 1."),
         ({"exclude": [""]}, "Expected `exclude` to be a list of module-name patterns"),
     ],
@@ -286,3 +286,19 @@ def test_refuses_distributed_data_parallel(tmp_path):
         assert type(model[1]) is nn.BatchNorm2d
     finally:
         dist.destroy_process_group()
+
+
+def test_exclude_pattern_matching_nothing_is_refused():
+    model = Nested()
+    with pytest.raises(
+        MSRConfigurationError,
+        match=r"The `exclude` pattern 'haed.\*' matches no module of Nested. Module names look like \[",
+    ):
+        replace_batchnorm(model, "agc", exclude=["haed.*"])
+    assert batchnorms(model) == batchnorms(Nested())  # nothing was replaced
+
+
+@pytest.mark.parametrize("beta_init", [-0.5, 2.0])
+def test_beta_init_outside_0_1_is_refused(beta_init):
+    with pytest.raises(MSRConfigurationError, match=rf"Expected `beta_init` to be in \[0, 1\], but got {beta_init}"):
+        replace_batchnorm(Nested(), "agc", beta_init=beta_init)

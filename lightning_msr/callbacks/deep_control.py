@@ -14,13 +14,14 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_msr._checks import _check_names
-from lightning_msr.exceptions import MSRWarning
-from lightning_msr.nn.affine import _check_finite
+from lightning_msr._checks import UnitInterval, _check_beta_init, _check_names
+from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.nn.gain_control import AutomaticGainControl
-from lightning_msr.surgery import find_batchnorm, replace_batchnorm
+from lightning_msr.surgery import Replacements, find_batchnorm, replace_batchnorm
 
 __all__ = ["DeepControl"]
 
@@ -57,16 +58,20 @@ class DeepControl(Callback):
     :func:`~lightning_msr.replace_batchnorm` on it before ``fit`` instead.
 
     The gain control needs a spatial map: a BatchNorm1d on ``(N, C)`` features (e.g. in an MLP head) raises
-    at the first forward pass; leave such layers out with ``exclude``. When used together with
-    ``MeanShiftRejection``, list ``DeepControl`` first so it sees the BatchNorm layers.
+    at its first forward pass, with an error that names the layer; leave such layers out with ``exclude``.
+    When used together with ``MeanShiftRejection``, list ``DeepControl`` first so it sees the BatchNorm layers.
 
     Args:
-        beta_init: initial value of every ``beta`` (the fraction of the map mean removed; 1 removes it all).
+        beta_init: initial value of every ``beta``, in ``[0, 1]`` (the fraction of the map mean removed; 1
+            removes it all, 0 starts as a plain per-channel affine layer). ``beta`` is learnt freely afterwards.
         exclude: module-name patterns (``fnmatch`` syntax, e.g. ``"head.*"``) of BatchNorm layers to keep.
+            Every pattern must match a module of the model.
 
     Raises:
-        MSRConfigurationError: if ``beta_init`` is not a finite number or ``exclude`` is not a list of
-            patterns; in ``setup``, for the models :func:`~lightning_msr.replace_batchnorm` refuses.
+        MSRConfigurationError: if ``beta_init`` is not in ``[0, 1]`` or ``exclude`` is not a list of
+            patterns; in ``setup``, for an ``exclude`` pattern that matches no module and for the models
+            :func:`~lightning_msr.replace_batchnorm` refuses; at the first forward pass of a replaced layer
+            that gets ``(N, C)`` features.
 
     Example::
 
@@ -83,10 +88,11 @@ class DeepControl(Callback):
         python train.py fit --trainer.callbacks+=lightning_msr.DeepControl --trainer.callbacks.beta_init=0.9
     """
 
-    def __init__(self, beta_init: float = 1.0, exclude: Optional[Sequence[str]] = None) -> None:
-        self._beta_init = _check_finite("beta_init", beta_init)
+    def __init__(self, beta_init: UnitInterval = 1.0, exclude: Optional[Sequence[str]] = None) -> None:
+        self._beta_init = _check_beta_init(beta_init)
         self._exclude = _check_names("exclude", exclude)
         self._replaced: list[str] = []
+        self._input_checks: list[RemovableHandle] = []
         self._model_ref: Optional[weakref.ReferenceType] = None
 
     @property
@@ -105,8 +111,10 @@ class DeepControl(Callback):
         if self._model_ref is not None and self._model_ref() is pl_module:
             return  # a second fit of the same model: the surgery is done
         self._model_ref = weakref.ref(pl_module)
+        # replace_batchnorm refuses an `exclude` pattern that matches no module
         replaced = replace_batchnorm(pl_module, "agc", beta_init=self._beta_init, exclude=self._exclude)
         self._replaced = list(replaced)
+        self._guard_feature_inputs(replaced)
         if replaced:
             if _runs_in_worker_processes(trainer):
                 rank_zero_warn(
@@ -128,6 +136,40 @@ class DeepControl(Callback):
                 "your convolutions yourself, or use `MeanShiftRejection`.",
                 category=MSRWarning,
             )
+
+    def _guard_feature_inputs(self, replaced: Replacements) -> None:
+        """Name the layer and ``exclude`` if a replaced BatchNorm turns out to see ``(N, C)`` features.
+
+        Only the first forward pass tells whether a BatchNorm1d saw ``(N, C)`` or ``(N, C, L)``: each new layer
+        gets a pre-hook that checks its first input and then removes itself, so training pays nothing.
+        """
+        seen: set[int] = set()
+        for name, layer in replaced.new_modules.items():
+            if id(layer) in seen or not isinstance(layer, AutomaticGainControl):
+                continue
+            seen.add(id(layer))
+            handle: list[RemovableHandle] = []
+
+            def check(module: nn.Module, args: tuple, name: str = name, handle: list = handle) -> None:
+                handle[0].remove()
+                x = args[0] if args else None
+                if isinstance(x, Tensor) and x.dim() == 2:
+                    raise MSRConfigurationError(
+                        f"DeepControl replaced the BatchNorm `{name}` by an AutomaticGainControl, which subtracts "
+                        "the spatial mean of each (sample, channel) map and needs input of shape (N, C, *spatial), "
+                        f"but `{name}` gets (N, C) features of shape {tuple(x.shape)} (e.g. a BatchNorm1d in an MLP "
+                        f"head). Leave it out with `DeepControl(exclude=[{name!r}])`, or turn it into a per-channel "
+                        f"scale and bias before fit with `lightning_msr.replace_batchnorm(model, 'affine')`."
+                    )
+
+            handle.append(layer.register_forward_pre_hook(check))
+            self._input_checks.append(handle[0])
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._input_checks:
+            handle.remove()
+        self._input_checks = []
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

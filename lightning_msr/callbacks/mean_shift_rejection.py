@@ -22,12 +22,15 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_msr._checks import (
+    PositiveFloat,
+    UnitInterval,
     _check_bool,
     _check_choice,
     _check_in_range,
     _check_names,
     _check_positive,
     _check_seed,
+    _check_single_owner,
 )
 from lightning_msr.calibration import CalibrationReport, calibrate, gain_parameters, watch_signal
 from lightning_msr.callbacks.deep_control import _runs_in_worker_processes
@@ -58,6 +61,12 @@ _LINEAR_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD, torch.optim.ASGD)
 _ALREADY_CENTRED = 1e-4
 # Set on a model once it has been initialised, so that no second fit (or second callback) redraws it.
 _INIT_FLAG = "_lightning_msr_initialized"
+# ... with the settings it was initialised with, to say so when a later fit asks for others.
+_INIT_SETTINGS = "_lightning_msr_init_settings"
+
+
+def _settings(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in settings.items())
 
 
 def _unsupported_strategy(strategy: Any) -> Optional[str]:
@@ -91,8 +100,11 @@ class MeanShiftRejection(Callback):
     * at ``setup("fit")`` -- before checkpoint weights are restored, before ``configure_optimizers`` and
       before DDP broadcasts rank 0's weights -- it initialises every conv kernel to zero mean with filter
       norm ``init_magnitude`` (``init="zero_mean"``), or centres the existing, e.g. pretrained, kernels
-      (``init="center"``). A model is never initialised twice, and a fit resumed from a checkpoint keeps the
-      checkpoint's weights;
+      (``init="center"``). Frozen weights (``requires_grad=False``) are left as they are, with a warning. A
+      model is never initialised twice (a later fit asking for other settings is warned that nothing is
+      redrawn), and a fit resumed from a checkpoint keeps the checkpoint's weights -- a checkpoint trained
+      without MSR gets a warning that its kernels are not zero-mean, or with ``init="center"`` is centred
+      once restored;
     * for every optimizer step it subtracts ``alpha`` times the kernel-wise mean from the conv-weight
       gradients (``g <- g - alpha * mean(g)``, an exact projection for ``alpha = 1``), so SGD with momentum,
       Nesterov and weight decay keeps the kernels on the zero-mean isocline;
@@ -142,7 +154,8 @@ class MeanShiftRejection(Callback):
             keep and train freely. With ``calibrate=True`` the norms kept are the calibrated ones.
         projection_timing: ``"auto"``, ``"backward"`` (project in each kernel's post-accumulate-grad hook;
             exact for ``alpha == 1`` only) or ``"optimizer_step"`` (project in ``on_before_optimizer_step``).
-        exclude: module-name patterns (``fnmatch`` syntax, e.g. ``["stem.*", "head"]``) left untouched.
+        exclude: module-name patterns (``fnmatch`` syntax, e.g. ``["stem.*", "head"]``) left untouched. Every
+            pattern must match a module of the model.
         strict: raise instead of warning when the model has no conv layer to act on.
         seed: seed of the initialisation draw; ``None`` uses ``torch.initial_seed()``, so ``seed_everything``
             makes it reproducible. The draw never advances the global RNG.
@@ -162,8 +175,13 @@ class MeanShiftRejection(Callback):
 
     Raises:
         MSRConfigurationError: for an argument out of range (at construction), and at ``setup`` for BatchNorm
-            with ``batchnorm="error"``, for sharded strategies (FSDP, DeepSpeed), or for a model without
-            conv layers when ``strict=True``.
+            with ``batchnorm="error"``, for sharded strategies (FSDP, DeepSpeed), for an ``exclude`` pattern
+            that matches no module, for a second ``MeanShiftRejection`` in the Trainer acting on some of the
+            same weights, or for a model without conv layers when ``strict=True``.
+
+    With 16-bit weights (``precision="bf16-true"`` or ``"16-true"``) the kernels can only be zero-mean, and
+    ``keep_magnitude`` can only hold the norms, to the precision of the weight dtype (about ``8e-3`` relative
+    for bfloat16); a warning says so. ``"bf16-mixed"`` keeps float32 weights and exact MSR.
 
     Example::
 
@@ -193,9 +211,9 @@ class MeanShiftRejection(Callback):
 
     def __init__(
         self,
-        alpha: float = 1.0,
+        alpha: UnitInterval = 1.0,
         init: Literal["zero_mean", "center", "none"] = "zero_mean",
-        init_magnitude: float = 1.0,
+        init_magnitude: PositiveFloat = 1.0,
         include_linear: bool = False,
         batchnorm: Literal["error", "warn", "replace"] = "warn",
         mode: Literal["kernel", "filter"] = "kernel",
@@ -254,6 +272,8 @@ class MeanShiftRejection(Callback):
         self._first_pass: Optional[contextlib.ExitStack] = None
         self._first_report: Optional[CalibrationReport] = None
         self._calibration_due = False
+        self._acted_on: list[str] = []  # the weights this fit acts on, seen by a second MeanShiftRejection
+        self._restored_state = False  # the checkpoint resumed from holds this callback's state (trained with MSR)
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -371,6 +391,9 @@ class MeanShiftRejection(Callback):
             for w in weights
         }
         self._model_ref = weakref.ref(pl_module)
+        names = {w.name for w in weights}
+        _check_single_owner(getattr(pl_module, "_trainer", None), self, names.__contains__, "conv weight(s)")
+        self._acted_on = [w.name for w in weights]
 
     def _initialize(self, trainer: pl.Trainer, pl_module: nn.Module) -> bool:
         """Initialise or centre the weights as ``init`` says; returns whether any weight changed."""
@@ -378,13 +401,17 @@ class MeanShiftRejection(Callback):
         if self._init == "none" or not weights:
             return False
         if getattr(pl_module, _INIT_FLAG, False):
+            self._explain_no_redraw(pl_module)
             return False  # never re-initialise a model (second fit, second callback)
         if trainer.ckpt_path is not None:
             rank_zero_info(
                 f"MeanShiftRejection: resuming from {trainer.ckpt_path!r}; the checkpoint's weights are kept."
             )
-            object.__setattr__(pl_module, _INIT_FLAG, True)
-            self._initialized = True
+            self._mark_initialized(pl_module)
+            return False
+        weights = self._leave_frozen_alone(weights)
+        if not weights:
+            self._mark_initialized(pl_module)
             return False
         kwargs = [{"mode": self._mode, **w.layout_kwargs()} for w in weights]
         if self._init == "zero_mean":
@@ -408,9 +435,103 @@ class MeanShiftRejection(Callback):
             for w, kw in zip(weights, kwargs):
                 project_mean_(w.parameter.data, 1.0, **kw)
             rank_zero_info(f"MeanShiftRejection: centred the kernels of {len(weights)} existing weight(s).")
-        object.__setattr__(pl_module, _INIT_FLAG, True)
-        self._initialized = True
+        self._mark_initialized(pl_module)
         return True
+
+    def _mark_initialized(self, pl_module: nn.Module) -> None:
+        object.__setattr__(pl_module, _INIT_FLAG, True)
+        object.__setattr__(pl_module, _INIT_SETTINGS, self._init_settings())
+        self._initialized = True
+
+    def _init_settings(self) -> dict[str, Any]:
+        if self._init == "zero_mean":
+            return {"init": self._init, "init_magnitude": self._init_magnitude, "seed": self._seed}
+        return {"init": self._init}
+
+    def _explain_no_redraw(self, pl_module: nn.Module) -> None:
+        """A model is initialised once: say so, loudly when this fit asks for other settings than the first."""
+        before = getattr(pl_module, _INIT_SETTINGS, None)
+        now = self._init_settings()
+        if before is None or before == now:
+            rank_zero_info("MeanShiftRejection: the model was initialised by an earlier fit; its weights are kept.")
+            return
+        rank_zero_warn(
+            f"MeanShiftRejection: the model was already initialised by an earlier fit ({_settings(before)}), so it "
+            f"is not initialised again with {_settings(now)}: the weights it has now are kept. To draw new kernels, "
+            "build a new model (or call `lightning_msr.functional.zero_mean_init_` on its conv weights) before `fit`.",
+            category=MSRWarning,
+        )
+
+    def _leave_frozen_alone(self, weights: list[KernelWeight]) -> list[KernelWeight]:
+        """The weights ``init`` may change: frozen ones (``requires_grad=False``, e.g. a pretrained backbone)
+        are neither redrawn nor centred, and the user is told so once."""
+        frozen = [w.name for w in weights if not w.parameter.requires_grad]
+        if frozen:
+            action = "redraws" if self._init == "zero_mean" else "centres"
+            rank_zero_warn(
+                f"MeanShiftRejection leaves {len(frozen)} frozen conv weight(s) (requires_grad=False) as they are: "
+                f"init={self._init!r} {action} only trainable weights ({_shown(frozen)}). Frozen kernels keep "
+                "their values and their mean, and are not projected or re-centred while frozen; once unfrozen "
+                "their gradients are projected. To have them centred too, unfreeze them before `fit`, or call "
+                "`lightning_msr.functional.project_mean_` on them; to keep MSR off them entirely, list them in "
+                "`exclude`.",
+                category=MSRWarning,
+            )
+        return [w for w in weights if w.parameter.requires_grad]
+
+    def _check_resumed_kernels(self, trainer: pl.Trainer) -> None:
+        """After a checkpoint is restored: if it was not trained with MSR its kernels are not zero-mean.
+
+        With ``init="center"`` they are centred now (what the user asked for); otherwise a warning says so and
+        how to centre them -- the checkpoint's weights are never changed without being asked.
+        """
+        # `trainer.ckpt_path` is set when the checkpoint is restored, after `setup`
+        weights = self._weights or []
+        if trainer.ckpt_path is None or self._restored_state or self._init == "none" or not weights:
+            return
+        shifts = [float(mean_shift(w.parameter, mode=self._mode, **w.layout_kwargs())) for w in weights]
+        worst = max(shifts)
+        if not worst > _ALREADY_CENTRED:  # NaN too: a diverged checkpoint is no reason to centre
+            return
+        where = weights[shifts.index(worst)].name
+        if self._init == "center":
+            trainable = self._leave_frozen_alone(weights)
+            for w in trainable:
+                project_mean_(w.parameter.data, 1.0, mode=self._mode, **w.layout_kwargs())
+            rank_zero_info(
+                f"MeanShiftRejection(init='center'): the checkpoint {trainer.ckpt_path!r} was not trained with MSR "
+                f"(worst mean shift {worst:.3g} in {where!r}); centred the kernels of {len(trainable)} restored "
+                "weight(s)."
+            )
+            return
+        rank_zero_warn(
+            f"MeanShiftRejection: the checkpoint {trainer.ckpt_path!r} was not trained with MeanShiftRejection: its "
+            f"kernels are not zero-mean (worst mean shift {worst:.3g} in {where!r}), and they are kept as they are. "
+            "The gradients are projected from now on, so the kernels keep this mean for the rest of training. To "
+            "centre the restored kernels, resume with `MeanShiftRejection(init='center')`.",
+            category=MSRWarning,
+        )
+
+    def _warn_low_precision(self) -> None:
+        """Half-precision weights (``precision='bf16-true'``/``'16-true'``) cannot hold the isocline exactly."""
+        low = [w for w in self._weights or [] if w.parameter.dtype in (torch.float16, torch.bfloat16)]
+        if not low:
+            return
+        dtype = low[0].parameter.dtype
+        eps = torch.finfo(dtype).eps
+        norms = (
+            f" and `keep_magnitude` holds the filter norms to about {eps:.0e} relative"
+            if self._keep_magnitude else ""
+        )
+        rank_zero_warn(
+            f"MeanShiftRejection acts on {len(low)} weight(s) stored in {dtype} (e.g. `precision='bf16-true'`). "
+            f"{dtype} rounds every weight to about {eps:.0e} relative, so the kernels stay zero-mean only to "
+            f"that precision (`msr/mean_shift` reads about {eps / 2:.0e}, not 1e-7)"
+            + norms
+            + ". The means and norms are computed in float32, but the stored weights cannot keep more. For exact "
+            "MSR keep float32 weights with mixed precision: `precision='bf16-mixed'` (or '16-mixed').",
+            category=MSRWarning,
+        )
 
     # ------------------------------------------------------------------ fit: hooks
     @override
@@ -424,6 +545,8 @@ class MeanShiftRejection(Callback):
                 # DDP has already broadcast rank 0's weights: share the new draw the same way
                 for w in self._weights or []:
                     _broadcast_(trainer, w.parameter)
+        self._check_resumed_kernels(trainer)  # the checkpoint is restored by now (and identical on every rank)
+        self._warn_low_precision()  # `precision='*-true'` converts the model after `setup`
         clip_by_value = bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm == "value"
         if clip_by_value:
             rank_zero_warn(
@@ -506,7 +629,7 @@ class MeanShiftRejection(Callback):
                 calibrate(
                     pl_module,
                     residual_scale=self._residual_scale,
-                    convs=[w.module for w in self._weights or []],
+                    convs=[w.module for w in self._weights or [] if w.parameter.requires_grad],  # frozen: kept
                     exclude=self._exclude,
                     reduce=reduce,
                 )
@@ -693,6 +816,7 @@ class MeanShiftRejection(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_state = True
         self._initialized = bool(state_dict.get("initialized", self._initialized))
         self._calibration_due = False  # the weights come from a checkpoint
         model = self._model_ref() if self._model_ref is not None else None

@@ -26,7 +26,15 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_msr._checks import _check_choice, _check_names, _check_seed
+from lightning_msr._checks import (
+    NonNegativeFloat,
+    _check_choice,
+    _check_names,
+    _check_patterns_match,
+    _check_seed,
+    _check_single_owner,
+    _examples,
+)
 from lightning_msr.exceptions import MSRConfigurationError
 from lightning_msr.noise import Distribution, _channel_noise, _check_noise_levels
 
@@ -145,8 +153,9 @@ class NoiseInjection(Callback):
             with ``"uniform"``, an unknown ``distribution`` or ``schedule``, ``final_*`` values with
             ``schedule="constant"``, an unknown module type, or ``["Module"]`` without ``module_names``; at
             fit setup, for a ``module_names`` or ``exclude`` pattern that matches no module, a model with no
-            module to hook, or a decay schedule with unbounded training; during training, if a hooked module
-            does not return a floating-point ``(N, C, ...)`` tensor.
+            module to hook, a second ``NoiseInjection`` in the same Trainer that hooks some of the same
+            modules (split them with ``module_names``/``exclude``), or a decay schedule with unbounded training;
+            during training, if a hooked module does not return a floating-point ``(N, C, ...)`` tensor.
 
     Example::
 
@@ -167,11 +176,11 @@ class NoiseInjection(Callback):
 
     def __init__(
         self,
-        scale: float = 0.1,
-        shift: float = 0.0,
+        scale: NonNegativeFloat = 0.1,
+        shift: NonNegativeFloat = 0.0,
         distribution: Distribution = "uniform",
-        final_scale: Optional[float] = None,
-        final_shift: Optional[float] = None,
+        final_scale: Optional[NonNegativeFloat] = None,
+        final_shift: Optional[NonNegativeFloat] = None,
         schedule: Schedule = "constant",
         module_types: Optional[list[str]] = None,
         module_names: Optional[list[str]] = None,
@@ -209,6 +218,7 @@ class NoiseInjection(Callback):
         # Model-dependent state, set at fit setup.
         self._handles: list[RemovableHandle] = []
         self._hooked: list[str] = []
+        self._acted_on: list[str] = []  # the modules this fit hooks, seen by a second NoiseInjection
         self._attach_at_fit_start = False
         self._rank = 0
         self._total_steps: Optional[int] = None
@@ -367,12 +377,7 @@ class NoiseInjection(Callback):
     def _find_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The ``(name, module)`` pairs to hook; raises for patterns that select nothing."""
         all_names = [name for name, _ in model.named_modules()]
-        for pattern in self._exclude:
-            if not any(fnmatchcase(name, pattern) for name in all_names):
-                raise MSRConfigurationError(
-                    f"The `exclude` pattern {pattern!r} matches no module of {type(model).__name__}. "
-                    f"Module names look like {_examples(all_names)}."
-                )
+        _check_patterns_match("exclude", self._exclude, model)
         selected = {pattern: False for pattern in self._module_names}
         targets = []
         for name, module in model.named_modules():
@@ -408,12 +413,15 @@ class NoiseInjection(Callback):
 
     def _attach(self, model: nn.Module) -> None:
         targets = self._find_targets(model)
+        names = {name for name, _ in targets}
+        _check_single_owner(getattr(model, "_trainer", None), self, names.__contains__, "module(s)")
         for name, module in targets:
             # Convs also accept unbatched input (C, *spatial); other modules are read as (N, C, ...).
             unbatched_dims = len(module.kernel_size) + 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
             hook = partial(self._add_noise, name, unbatched_dims, type(module) in _INPLACE_SAFE)
             self._handles.append(module.register_forward_hook(hook))
         self._hooked = [name for name, _ in targets]
+        self._acted_on = list(self._hooked)
         rank_zero_info(
             f"NoiseInjection: {self._distribution} noise (scale={self._scale:g}, shift={self._shift:g}, "
             f"schedule={self._schedule}) at the outputs of {len(targets)} modules."
@@ -424,6 +432,7 @@ class NoiseInjection(Callback):
             handle.remove()
         self._handles.clear()
         self._hooked = []
+        self._acted_on = []
         self._active = False
         self._generators.clear()
 
@@ -468,8 +477,3 @@ class NoiseInjection(Callback):
             )
             return noisy.squeeze(0)
         return _channel_noise(output, self._current_scale, self._current_shift, self._distribution, generator, inplace)
-
-
-def _examples(names: list[str], limit: int = 4) -> str:
-    shown = [repr(n) for n in names if n][:limit]
-    return "[" + ", ".join(shown) + (", ...]" if len([n for n in names if n]) > limit else "]")

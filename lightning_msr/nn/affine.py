@@ -24,29 +24,23 @@ Example::
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_msr._checks import _check_bool
+from lightning_msr._checks import _check_bool, _integer
 from lightning_msr.exceptions import MSRConfigurationError
 
 __all__ = ["ChannelAffine", "channel_affine"]
 
 
 def _check_num_features(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    number = _integer(value)
+    if number is None or number < 1:
         raise MSRConfigurationError(f"Expected `num_features` to be a positive integer, but got {value!r}.")
-    return value
-
-
-def _check_finite(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise MSRConfigurationError(f"Expected `{name}` to be a finite number, but got {value!r}.")
-    return float(value)
+    return number
 
 
 def _check_input(x: Tensor, num_channels: Optional[int], min_dims: int, layer: str) -> None:

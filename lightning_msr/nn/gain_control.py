@@ -36,10 +36,9 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_msr._checks import _check_bool
+from lightning_msr._checks import _check_beta_init, _check_bool, _check_finite
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.nn.affine import (
-    _check_finite,
     _check_input,
     _check_num_features,
     _copy_affine_,
@@ -116,16 +115,16 @@ class AutomaticGainControl(nn.Module):
 
     Args:
         num_features: the number of channels ``C``.
-        beta_init: initial value of every ``beta`` (1 subtracts the whole map mean; 0 starts as a plain
-            per-channel affine layer).
+        beta_init: initial value of every ``beta``, in ``[0, 1]`` (1 subtracts the whole map mean; 0 starts
+            as a plain per-channel affine layer). ``beta`` itself is learnt freely.
         gain_init: initial value of every ``gain``.
         bias: learn a per-channel bias (initialised to 0).
         device: device of the parameters.
         dtype: dtype of the parameters.
 
     Raises:
-        MSRConfigurationError: if ``num_features`` is not a positive integer, ``beta_init`` or ``gain_init``
-            is not a finite number, or (in ``forward``) the input has no spatial dim or not
+        MSRConfigurationError: if ``num_features`` is not a positive integer, ``beta_init`` is not in
+            ``[0, 1]``, ``gain_init`` is not a finite number, or (in ``forward``) the input has no spatial dim or not
             ``num_features`` channels.
 
     Example::
@@ -153,7 +152,7 @@ class AutomaticGainControl(nn.Module):
     ) -> None:
         super().__init__()
         self.num_features = _check_num_features(num_features)
-        self.beta_init = _check_finite("beta_init", beta_init)
+        self.beta_init = _check_beta_init(beta_init)
         self.gain_init = _check_finite("gain_init", gain_init)
         _check_bool("bias", bias)
         factory = {"device": device, "dtype": dtype}
