@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import ConvNet
+from helpers import ConvNet, run_script, script_env
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
@@ -34,20 +34,7 @@ from lightning_msr.strategies import ddp as ddp_module
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "msr_ddp_run.py"
 CONV_WEIGHTS = ("net.0.weight", "net.3.weight")
-# names the launcher or a cluster environment would read; PL_GLOBAL_SEED would re-seed every rank alike
-_INHERITED_ENV = (
-    "PL_GLOBAL_SEED",
-    "PL_SEED_WORKERS",
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "GROUP_RANK",
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-)
+
 
 
 def _trainer(**kwargs: Any) -> L.Trainer:
@@ -300,17 +287,7 @@ def test_lightning_cli_selects_the_strategy_by_name(tmp_path, monkeypatch):
 
 
 def _run(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    out.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in _INHERITED_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=str(out),
-    )
+    return run_script(SCRIPT, out, *args, timeout=timeout)
 
 
 def _records(out: Path, result: subprocess.CompletedProcess) -> list[dict[str, Any]]:
@@ -481,8 +458,7 @@ def _run_nodes(out: Path, *args: str, launcher: str = "lightning", timeout: floa
     """Start one process per node (2 nodes), wait for both (bounded); returns returncode/stdout/stderr per node."""
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    base = {k: v for k, v in os.environ.items() if k not in _INHERITED_ENV}
-    base.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    base = script_env()
     script = [str(SCRIPT), "--out", str(out), *args]
     processes = []
     for node in range(2):

@@ -7,17 +7,15 @@ same 16 samples per step (the union of the two ranks' batches).
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from helpers import ConvNet
+from helpers import ConvNet, run_script
 
 from lightning_msr import MeanShiftRejection, MSRConfigurationError
 from lightning_msr._sharding import copy_shard_, is_sharded, local_shape, local_shard, shard_problem
@@ -26,7 +24,6 @@ from lightning_msr.functional import mean_shift
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "msr_fsdp2_run.py"
 CONV_WEIGHTS = ("net.0.weight", "net.2.weight", "net.4.weight")
-_INHERITED_ENV = ("PL_GLOBAL_SEED", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 # ---------------------------------------------------------------------------------------------- plain tensors
@@ -40,6 +37,25 @@ def test_plain_tensors_pass_through():
     assert shard_problem(weight, keep_magnitude=True) is None
     full = torch.randn(4, 3, 3, 3)
     assert torch.equal(copy_shard_(weight, full), full)
+
+
+@pytest.mark.parametrize(
+    ("shape", "mode", "transposed", "group_dims", "norm_dims"),
+    [
+        ((8, 4, 3, 3), "kernel", False, {2, 3}, {1, 2, 3}),  # spatial: (o, i) slices; dim 0 is free
+        ((8, 4, 1, 1), "kernel", False, {1}, {1, 2, 3}),  # pointwise: the inputs of each filter
+        ((8, 4, 3, 3), "filter", False, {1, 2, 3}, {1, 2, 3}),  # Gradient Centralization: whole rows
+        ((8, 4), "kernel", False, {1}, {1}),  # Linear
+        ((4, 8, 3, 3), "kernel", True, {2, 3}, {0, 2, 3}),  # transposed spatial: groups whole, norms span dim 0
+        ((4, 8, 1, 1), "kernel", True, {0}, {0, 2, 3}),  # transposed pointwise: groups span dim 0
+    ],
+    ids=["spatial", "pointwise", "filter", "linear", "transposed", "transposed-pointwise"],
+)
+def test_which_dims_a_group_and_a_filter_norm_span(shape, mode, transposed, group_dims, norm_dims):
+    """FSDP2 shards dim 0: fine unless dim 0 is in the groups (or, for keep_magnitude, in the norms)."""
+    from lightning_msr._sharding import _group_dims
+
+    assert _group_dims(shape, mode, transposed) == (group_dims, norm_dims)
 
 
 # ---------------------------------------------------------------------------------------------- refusals
@@ -79,17 +95,7 @@ def test_model_parallel_strategy_is_accepted():
 
 
 def _run(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    out.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in _INHERITED_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=str(out),
-    )
+    return run_script(SCRIPT, out, *args, timeout=timeout)
 
 
 def _records(out: Path, result: subprocess.CompletedProcess, ranks: int) -> list[dict[str, Any]]:
