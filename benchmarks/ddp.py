@@ -269,10 +269,8 @@ def _worker(args: argparse.Namespace) -> None:
             self.last: Optional[tuple[float, Counter, int]] = None
             self.batchnorm_layers = 0
             self.sync_batchnorm_layers = 0
-            # per timed step: forward and backward wall time, and the calls (name, bytes, phase, async, seconds)
-            self.phases: list[tuple[float, float]] = []
+            # per timed step: its collective calls (name, bytes, phase, async, seconds)
             self.step_calls: list[list[tuple[str, int, str, bool, float]]] = []
-            self.marks: dict[str, float] = {}
             self.first_call = 0
 
         def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -286,25 +284,57 @@ def _worker(args: argparse.Namespace) -> None:
             if self.last is not None and self.last[2] >= args.warmup:
                 self.times.append(now - self.last[0])
                 self.step_collectives.append(snapshot - self.last[1])
-                marks = self.marks
-                self.phases.append((marks["backward"] - self.last[0], marks["optimizer"] - marks["backward"]))
                 self.step_calls.append(log.calls[self.first_call :])
             self.last = (now, snapshot, trainer.global_step)
             self.first_call = len(log.calls)
             log.phase = "forward"
 
         def on_before_backward(self, *_: Any) -> None:
-            self.marks["backward"] = time.perf_counter()
             log.phase = "backward"
 
         def on_after_backward(self, *_: Any) -> None:
-            self.marks["optimizer"] = time.perf_counter()
             log.phase = "optimizer"
 
     g = torch.Generator().manual_seed(0)
     n = args.batch_size * 2 * (args.steps + args.warmup + 1)
     data = TensorDataset(torch.randn(n, 3, args.size, args.size, generator=g), torch.randint(0, 10, (n,), generator=g))
     on_cpu = args.accelerator == "cpu"
+    device = torch.device("cpu" if on_cpu else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+
+    def time_compute(config: str) -> list[tuple[float, float]]:
+        """(step, backward) seconds of the configuration's model trained by a plain loop on this process alone:
+        forward, backward, SGD step, no DDP and no collective -- the compute the scale projection starts from.
+
+        (a) and (b) time the BatchNorm model (SyncBatchNorm's local arithmetic is BatchNorm's), (c) and (d) the
+        model with BatchNorm replaced as ``MeanShiftRejection(batchnorm="replace")`` replaces it.
+        """
+        _, _, _, msr = CONFIGS[config]
+        torch.manual_seed(0)
+        model = SmallResNet(args.width).to(device)
+        if msr:
+            lightning_msr.replace_batchnorm(model, "affine")
+        optimizer = model.configure_optimizers()
+        batches = DataLoader(data, batch_size=args.batch_size)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        times = []
+        for i, (x, y) in enumerate(batches):
+            if i >= args.steps + args.warmup:
+                break
+            x, y = x.to(device), y.to(device)
+            sync()
+            start = time.perf_counter()
+            loss = nn.functional.cross_entropy(model.net(x), y)
+            sync()
+            backward_start = time.perf_counter()
+            loss.backward()
+            sync()
+            backward_end = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            if i >= args.warmup:
+                times.append((time.perf_counter() - start, backward_end - backward_start))
+        return times
 
     def fit_once(config: str) -> dict[str, Any]:
         _, strategy, sync_batchnorm, msr = CONFIGS[config]
@@ -335,7 +365,6 @@ def _worker(args: argparse.Namespace) -> None:
             "collectives_per_step": statistics.median(sum(c.values()) for c in timer.step_collectives),
             "collectives_per_step_by_kind": dict(_most_common_step(timer.step_collectives)),
             "collectives_total": dict(Counter(counts) - before),
-            "phases": timer.phases,
             "step_calls": timer.step_calls,
             "batchnorm_layers": timer.batchnorm_layers,
             "sync_batchnorm_layers": timer.sync_batchnorm_layers,
@@ -350,6 +379,7 @@ def _worker(args: argparse.Namespace) -> None:
     for round_ in range(args.rounds):
         for config in args.configs if round_ % 2 == 0 else args.configs[::-1]:
             run = fit_once(config)
+            run["compute"] = time_compute(config)
             runs[config].append(run)
             if run["rank"] == 0:
                 print(
@@ -407,23 +437,18 @@ def allreduce_seconds(nbytes: float, gpus: int, assumptions: dict = SCALE_ASSUMP
 def _measured_step(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-step compute, backward compute and the collective calls of one configuration, measured on rank 0.
 
-    Compute = step time minus the time rank 0 spent inside blocking collective calls of that step (waiting for
-    the other rank included), the median over the steps of the fastest round (the least disturbed by other load on
-    a shared machine); backward compute likewise for the backward pass. DDP's gradient buckets are
-    launched asynchronously and overlap the backward pass; what of them did not overlap on this machine stays
-    in the measured compute (a slight over-estimate of the compute of every configuration alike).
+    Compute: the configuration's model trained by a plain loop (forward, backward, SGD step) in the same process,
+    with no collective, so no wait for the other rank can enter it; the median step of the fastest round (the
+    least disturbed by other load on a shared machine), and the backward pass of that round likewise. The calls:
+    those of the most frequent kind of step of the DDP fits.
     """
-    rounds, signatures = [], []
-    for run in runs:
-        steps, backwards = [], []
-        for seconds, (_, backward), calls in zip(run["times"], run["phases"], run["step_calls"]):
-            blocking = [c for c in calls if not c[3]]
-            steps.append(seconds - sum(c[4] for c in blocking))
-            backwards.append(backward - sum(c[4] for c in blocking if c[2] == "backward"))
-            signatures.append(tuple((c[0], c[1], c[2], c[3]) for c in calls))
-        rounds.append((statistics.median(steps), statistics.median(backwards)))
+    signatures = [tuple((c[0], c[1], c[2], c[3]) for c in calls) for run in runs for calls in run["step_calls"]]
     calls = Counter(signatures).most_common(1)[0][0]
-    compute, backward = min(rounds)  # the least disturbed round, as the "fastest round" column above
+    rounds = [
+        (statistics.median(t[0] for t in run["compute"]), statistics.median(t[1] for t in run["compute"]))
+        for run in runs
+    ]
+    compute, backward = min(rounds)
     return {"compute_s": compute, "backward_compute_s": backward, "calls": [list(c) for c in calls]}
 
 
@@ -651,9 +676,9 @@ def _scale_section(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]
     lines = [
         "## At scale: a latency-bandwidth projection to 8, 64 and 512 GPUs",
         "",
-        f"{where} Inputs, measured in the run above: the compute time of a step of each configuration (step time "
-        "minus the time rank 0 spent inside blocking collective calls; median step of the fastest round), the "
-        "compute time of its backward pass, and "
+        f"{where} Inputs, measured in the run above: the compute time of a step of each configuration's model "
+        "(forward, backward and SGD step in a plain loop on one process, no collective, timed after each round's "
+        "fit; the median step of the fastest round), the compute time of its backward pass, and "
         "the exact collective calls of one step -- kind, bytes and pass -- recorded by the same wrappers that count "
         "them. Weak scaling: the per-GPU batch stays the same, so compute and message sizes do not change with the "
         "number of GPUs; only the time of each collective does.",
