@@ -510,6 +510,8 @@ def _plot_projection(path: Path, projections: dict[str, list[dict[str, float]]])
 def _driver(args: argparse.Namespace) -> None:
     import tempfile
 
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "runs.json"
         command = [
@@ -537,6 +539,7 @@ def _driver(args: argparse.Namespace) -> None:
         if process.returncode != 0 or not result.exists():
             raise RuntimeError("the benchmark worker failed:\n" + "".join(tail))
         runs: dict[str, list[dict[str, Any]]] = json.loads(result.read_text())
+    args.load = (load_start, os.getloadavg()[0]) if load_start is not None else None
 
     rows = []
     medians = {c: statistics.median(statistics.median(r["times"]) for r in runs[c]) for c in args.configs}
@@ -755,6 +758,21 @@ def _scale_section(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]
             f"{PROJECTED_GPUS[-1]} GPUs, a step that computed in 10 ms or 2 ms (GPU-class figures, assumed, not "
             f"measured) would spend {100 * waits / (10 + waits):.0f}% or {100 * waits / (2 + waits):.0f}% of its "
             "time waiting with SyncBatchNorm. `project_step` in `benchmarks/ddp.py` projects any measured step.",
+            "",
+        ]
+        compute_ratio = measured["a"]["compute_s"] / measured["c"]["compute_s"]
+        if abs(compute_ratio - 1) > 0.1:
+            lines += [
+                f"The compute of (a) measured {compute_ratio:.2f}x that of (c) in this run: the step-time column "
+                "mixes that difference with the communication; the blocking and gradient columns, which do not "
+                "depend on the compute, are the comparison of SyncBatchNorm with `ddp_msr`.",
+                "",
+            ]
+    if args.load:
+        lines += [
+            f"Machine load (1-minute load average) at the start and end of this run: {args.load[0]:.1f} and "
+            f"{args.load[1]:.1f} on {os.cpu_count()} CPU cores; a load above the core count slows every "
+            "configuration and makes the compute times noisy, not the counted collectives or the model.",
             "",
         ]
     return lines
