@@ -490,9 +490,11 @@ def _plot_projection(path: Path, projections: dict[str, list[dict[str, float]]])
     for config, rows in projections.items():
         gpus = [r["gpus"] for r in rows]
         label = f"({config}) {CONFIGS[config][0]}".replace("`", "")
-        axes[0].plot(gpus, [r["step_ms"] for r in rows], marker="o", label=label)
+        axes[0].plot(gpus, [r["blocking_ms"] + r["gradient_exposed_ms"] for r in rows], marker="o", label=label)
         axes[1].plot(gpus, [100 * r["waiting"] for r in rows], marker="o", label=label)
-    for ax, ylabel in zip(axes, ("projected step time (ms)", "time waiting for collectives (%)")):
+    axes[0].set_yscale("log")
+    ylabels = ("communication on the critical path (ms)", "waiting for collectives (% of step)")
+    for ax, ylabel in zip(axes, ylabels):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("GPUs (8 per node)")
         ax.set_ylabel(ylabel)
