@@ -56,6 +56,7 @@ from lightning_msr._checks import (
     _check_patterns_match,
     _check_positive,
 )
+from lightning_msr._sharding import copy_shard_, local_shape, local_shard, shard_problem
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 
 __all__ = [
@@ -106,6 +107,28 @@ def _groups(
                 )
             layout = _Groups(groups, shape[0] // groups, shape[1])
     return layout if layout.size > 1 else None
+
+
+def _layout(
+    tensor: Tensor, mode: str = "kernel", transposed: bool = False, groups: int = 1, keep_magnitude: bool = False
+) -> Optional[_Groups]:
+    """The kernel-group layout of the part of ``tensor`` this rank holds (all of it unless it is a DTensor).
+
+    Raises:
+        MSRConfigurationError: if ``tensor`` is sharded so that a kernel group (or, with ``keep_magnitude``, a
+            filter norm) is split across ranks.
+    """
+    problem = shard_problem(tensor, mode, transposed, keep_magnitude)
+    if problem is not None:
+        raise MSRConfigurationError(
+            f"Mean Shift Rejection cannot act on a weight of shape {tuple(tensor.shape)} sharded as "
+            f"{tuple(tensor.placements)}: {problem}, so no rank holds a whole group and the mean would need a "
+            "collective. Shard conv weights along dim 0 (their output filters), as FSDP2's `fully_shard` does by "
+            "default, or keep them replicated ('ddp_msr')."
+        )
+    if _groups(tensor.shape, mode, transposed, groups) is None:
+        return None  # a group of a single element: decided by the global shape, alike on every rank
+    return _groups(local_shape(tensor), mode, transposed, groups)
 
 
 _warned: set[str] = set()
@@ -161,6 +184,8 @@ def _subtract_group_mean_(view: Tensor, alpha: float) -> None:
 
 
 def _project_one_(tensor: Tensor, layout: _Groups, alpha: float) -> None:
+    # a sharded (FSDP2) tensor: ``layout`` describes the local shard (see ``_layout``), whose groups are whole
+    tensor = local_shard(tensor)
     view = _grouped_view(tensor, layout)
     if view is not None:
         _subtract_group_mean_(view, alpha)
@@ -222,7 +247,7 @@ def project_mean_(
     for tensor in items:
         if not isinstance(tensor, Tensor):
             raise MSRConfigurationError(f"Expected `tensors` to hold tensors, but got {type(tensor).__name__}.")
-        layout = _groups(tensor.shape, mode, transposed, groups)
+        layout = _layout(tensor, mode, transposed, groups)
         if layout is None:
             _warn_once(
                 f"A tensor of shape {tuple(tensor.shape)} has kernel groups of a single element and cannot be "
@@ -244,7 +269,8 @@ def mean_shift(
     ``0`` means every kernel is exactly zero-mean; a freshly built ``nn.Conv2d`` gives about ``0.2``-``0.6``.
     The value is a float32 scalar tensor on the weight's device (``0`` for an all-zero weight or one whose
     groups cannot be centred). A weight holding a NaN or an infinity gives NaN (or inf), never 0, so a
-    diverged model does not look zero-mean.
+    diverged model does not look zero-mean. For a sharded weight (an FSDP2 ``DTensor``) it is computed, with
+    no collective, on the shard this rank holds.
 
     Args:
         weight: a conv (or Linear) weight.
@@ -263,11 +289,13 @@ def mean_shift(
         0.0
     """
     _check_choice("mode", mode, _MODES)
-    layout = _groups(weight.shape, mode, transposed, groups)
+    layout = _layout(weight, mode, transposed, groups)
     with torch.no_grad():
-        w = weight.detach().float()
+        w = local_shard(weight.detach()).float()
         if layout is None:
             return w.sum() * 0.0  # 0, or NaN when the weight holds NaN/inf
+        if w.numel() == 0:
+            return w.new_zeros(())  # an uneven split can leave a rank without rows
         rms = w.square().mean().sqrt()
         means = w.reshape(layout).mean(dim=1).abs().max()
         # Only an all-zero weight reads 0; a NaN/inf anywhere makes rms (and so the ratio) NaN or inf, so a
@@ -279,8 +307,11 @@ def _filter_norms(w: Tensor, mode: str, transposed: bool, groups: int, dtype: Op
     """Euclidean norm of every output filter, broadcastable against ``w``.
 
     With ``dtype`` the norms are accumulated in at least ``dtype``: ``float32`` gives float32 norms of
-    float16/bfloat16/float32 weights and float64 norms of float64 weights (never a narrowing cast).
+    float16/bfloat16/float32 weights and float64 norms of float64 weights (never a narrowing cast). For a
+    sharded ``w`` (FSDP2 along dim 0): the norms of the filters of the local shard, against which they
+    broadcast; every filter is whole on its rank (``_layout(..., keep_magnitude=True)`` checks that).
     """
+    w = local_shard(w)
     if dtype is not None:
         dtype = torch.promote_types(w.dtype, dtype)
     if transposed and mode == "kernel" and w.dim() > 2:
@@ -309,6 +340,10 @@ def zero_mean_init_(
     then leaves the global RNG untouched; otherwise it draws from PyTorch's default generator.
 
     A weight whose groups have a single element cannot be centred; it is left unchanged with a warning.
+
+    A sharded weight (an FSDP2 ``DTensor``) gets the same global values as an unsharded one: every rank draws the
+    whole tensor from ``generator`` and keeps its own shard, with no collective -- so seed ``generator`` alike on
+    every rank.
 
     Args:
         weight: a conv (or Linear) weight, changed in place.
@@ -347,7 +382,7 @@ def zero_mean_init_(
         _project_one_(fresh, layout, 1.0)
         norms = _filter_norms(fresh, mode, transposed, groups)
         fresh.mul_(magnitude / norms.clamp(min=1e-12))
-        weight.copy_(fresh)
+        copy_shard_(weight, fresh)
     return weight
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -111,3 +115,39 @@ class WeightRecorder(L.Callback):
         self.grads.append(
             {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
         )
+
+
+# Names a launcher or a cluster environment would read; PL_GLOBAL_SEED would re-seed every rank alike.
+LAUNCHER_ENV = (
+    "PL_GLOBAL_SEED",
+    "PL_SEED_WORKERS",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
+
+
+def script_env() -> dict[str, str]:
+    """This process's environment without launcher variables, one thread per process, warnings off."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+def run_script(script: Path, out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a distributed test script (``tests/ddp_scripts/``) with ``--out out``, in ``out``, bounded."""
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, str(script), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=script_env(),
+        cwd=str(out),
+    )

@@ -62,3 +62,58 @@ def test_ddp_tiny_counts_collectives(tmp_path):
     text = (tmp_path / "ddp.md").read_text()
     assert (tmp_path / "ddp.csv").exists()
     assert "ddp_msr" in text and "collectives" in text
+    # the scale projection: measured inputs, the model's rows for 8, 64 and 512 GPUs, and its plot
+    assert "latency-bandwidth projection" in text and "projected by the model, not measured" in text
+    assert (tmp_path / "ddp_scale.png").stat().st_size > 0
+    rows = list(csv.DictReader(open(tmp_path / "ddp_scale.csv")))
+    assert {(r["config"], r["gpus"]) for r in rows} == {(c, g) for c in "ac" for g in ("8", "64", "512")}
+    by = {(r["config"], r["gpus"]): r for r in rows}
+    for gpus in ("8", "64", "512"):
+        # SyncBatchNorm's blocking collectives: measured per layer, so more of them than ddp_msr's one flag
+        assert float(by["a", gpus]["blocking_ms"]) > 10 * float(by["c", gpus]["blocking_ms"]) > 0
+    sync = [float(by["a", gpus]["blocking_ms"]) for gpus in ("8", "64", "512")]
+    assert sync == sorted(sync) and sync[0] < sync[2]  # more nodes, more network steps per collective
+
+
+def _ddp_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ddp_benchmark", BENCH / "ddp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ddp_alpha_beta_model_of_hierarchical_ring_allreduce():
+    ddp = _ddp_benchmark()
+    a = {**ddp.SCALE_ASSUMPTIONS, "base_latency_us": 0.0}
+    us, nbytes = 1e-6, 8e6
+    nvlink, ib = a["nvlink_GBps"] * 1e9, a["infiniband_GBps"] * 1e9
+    assert ddp.allreduce_seconds(nbytes, 1, a) == 0.0
+    # one node of 8: a plain ring over NVLink, 2(p-1) steps, 2(p-1)/p of the bytes
+    ring8 = 14 * a["nvlink_step_latency_us"] * us + 14 / 8 * nbytes / nvlink
+    assert ddp.allreduce_seconds(nbytes, 8, a) == pytest.approx(ring8)
+    # 64 GPUs = 8 nodes of 8: the node ring, plus a ring over the 8 nodes of each GPU's 1/8 shard over InfiniBand
+    inter = 14 * a["network_step_latency_us"] * us + 14 / 8 * (nbytes / 8) / ib
+    assert ddp.allreduce_seconds(nbytes, 64, a) == pytest.approx(ring8 + inter)
+
+
+def test_ddp_projection_exposes_blocking_collectives_and_hides_overlapped_buckets():
+    ddp = _ddp_benchmark()
+    measured = {
+        "compute_s": 0.010,
+        "backward_compute_s": 0.006,
+        "calls": [["all_reduce", 1024, "forward", False], ["all_reduce", 4_000_000, "backward", True]],
+    }
+    row = ddp.project_step(measured, 64)
+    blocking = ddp.allreduce_seconds(1024, 64)
+    bucket = ddp.allreduce_seconds(4_000_000, 64)
+    assert row["blocking_ms"] == pytest.approx(1e3 * blocking)
+    # a single bucket is the last one: exposed whole, however long the backward pass
+    assert row["gradient_exposed_ms"] == pytest.approx(1e3 * bucket)
+    assert row["step_ms"] == pytest.approx(1e3 * (0.010 + blocking + bucket))
+    assert row["waiting"] == pytest.approx((blocking + bucket) / (0.010 + blocking + bucket))
+    # several buckets: all but what fits under the backward compute is hidden
+    many = {**measured, "calls": [["all_reduce", 4_000_000, "backward", True]] * 4}
+    row = ddp.project_step(many, 64)
+    assert row["gradient_exposed_ms"] == pytest.approx(1e3 * max(bucket, 4 * bucket - 0.006))

@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import ConvNet
+from helpers import ConvNet, run_script, script_env
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
@@ -34,20 +34,7 @@ from lightning_msr.strategies import ddp as ddp_module
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "msr_ddp_run.py"
 CONV_WEIGHTS = ("net.0.weight", "net.3.weight")
-# names the launcher or a cluster environment would read; PL_GLOBAL_SEED would re-seed every rank alike
-_INHERITED_ENV = (
-    "PL_GLOBAL_SEED",
-    "PL_SEED_WORKERS",
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "GROUP_RANK",
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-)
+
 
 
 def _trainer(**kwargs: Any) -> L.Trainer:
@@ -300,17 +287,7 @@ def test_lightning_cli_selects_the_strategy_by_name(tmp_path, monkeypatch):
 
 
 def _run(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    out.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k not in _INHERITED_ENV}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=str(out),
-    )
+    return run_script(SCRIPT, out, *args, timeout=timeout)
 
 
 def _records(out: Path, result: subprocess.CompletedProcess) -> list[dict[str, Any]]:
@@ -460,3 +437,154 @@ def test_two_process_run_refuses_sync_batchnorm(tmp_path):
     assert "refuses `Trainer(sync_batchnorm=True)`" in result.stderr
     assert "Initializing distributed" not in result.stderr + result.stdout  # refused before any launch
     assert not list(tmp_path.glob("rank*.pt"))
+
+
+# ---------------------------------------------------------------------------------------------- two nodes
+
+# Two "nodes" on this machine: the script is started twice, once per node, each with one rank (`devices=1`),
+# talking over 127.0.0.1 only. With the Lightning launcher both processes read NODE_RANK / MASTER_ADDR /
+# MASTER_PORT / WORLD_SIZE (LightningEnvironment); under torchrun each torchrun agent starts its worker and the
+# Trainer finds TorchElasticEnvironment. The adopted model has a BatchNorm that MeanShiftRejection replaces.
+_NODE_ARGS = ("--num-nodes", "2", "--devices", "1", "--batchnorm", "--msr-batchnorm", "replace", "--noise")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_nodes(out: Path, *args: str, launcher: str = "lightning", timeout: float = 240) -> list[SimpleNamespace]:
+    """Start one process per node (2 nodes), wait for both (bounded); returns returncode/stdout/stderr per node."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    base = script_env()
+    script = [str(SCRIPT), "--out", str(out), *args]
+    processes = []
+    for node in range(2):
+        env = dict(base)
+        if launcher == "torchrun":
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
+            rendezvous = ["--master-addr=127.0.0.1", f"--master-port={port}", "--max-restarts=0"]
+            command = [*torchrun, f"--node-rank={node}", *rendezvous, *script]
+        else:
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(node), WORLD_SIZE="2")
+            command = [sys.executable, *script]
+        # its own session: on a timeout, killing the process group ends torchrun's worker with it
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        processes.append(subprocess.Popen(command, env=env, cwd=str(out), start_new_session=True, **pipes))
+    results = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=timeout)
+            results.append(SimpleNamespace(returncode=process.returncode, stdout=stdout, stderr=stderr))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, 9)
+                process.communicate()
+    return results
+
+
+def _node_records(out: Path, results: list[SimpleNamespace]) -> list[dict[str, Any]]:
+    for node, result in enumerate(results):
+        assert result.returncode == 0, f"node {node}:\n{result.stderr[-4000:]}"
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_node_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_nodes")
+    ckpt = out / "last.ckpt"
+    records = _node_records(out, _run_nodes(out, *_NODE_ARGS, "--max-steps", "4", "--ckpt-out", str(ckpt)))
+    return SimpleNamespace(records=records, ckpt=ckpt)
+
+
+def _assert_trained_in_sync_across_nodes(records: list[dict[str, Any]], environment: str) -> None:
+    rank0, rank1 = records
+    for rank, record in enumerate(records):
+        assert record["strategy"] == "MSRDDPStrategy"
+        assert record["cluster_environment"] == environment
+        assert (record["world_size"], record["num_nodes"]) == (2, 2)
+        assert (record["global_rank"], record["node_rank"]) == (rank, rank)  # one rank per node
+        assert record["steps"] == 4
+    assert (rank0["seed"], rank1["seed"]) == (0, 1)
+    # BatchNorm replaced on both nodes, its affine part kept
+    assert not any("running_mean" in key for key in rank0["start_state"])
+    assert "net.1.weight" in rank0["start_state"]
+    # each node drew its own zero-mean init (different seeds) ...
+    for key in CONV_WEIGHTS:
+        assert not torch.equal(rank0["setup_state"][key], rank1["setup_state"][key]), key
+    # ... and both start from node 0's, buffers included, and end bit-identical after training
+    assert _identical(rank0["start_state"], rank0["setup_state"])
+    assert _identical(rank0["start_state"], rank1["start_state"])
+    assert _identical(rank0["end_state"], rank1["end_state"])
+    for key in (*CONV_WEIGHTS, "net.1.weight"):
+        assert not torch.equal(rank0["start_state"][key], rank0["end_state"][key]), f"{key} did not train"
+    for key in CONV_WEIGHTS:
+        assert float(mean_shift(rank0["end_state"][key])) < 1e-5, key
+    # noise: the same input through the same weights differs between the nodes in training only
+    assert torch.equal(rank0["probe_eval"], rank1["probe_eval"])
+    assert not torch.allclose(rank0["probe_train"], rank1["probe_train"])
+    for record in records:
+        assert record["ddp_broadcast_buffers"] is False
+
+
+@pytest.mark.ddp
+def test_two_nodes_train_in_sync(two_node_run):
+    _assert_trained_in_sync_across_nodes(two_node_run.records, "LightningEnvironment")
+
+
+@pytest.mark.ddp
+def test_two_node_checkpoint_resumes_on_one_node(two_node_run, tmp_path):
+    checkpoint = torch.load(two_node_run.ckpt, weights_only=False)
+    assert checkpoint["global_step"] == 4
+    assert _identical(checkpoint["state_dict"], two_node_run.records[0]["end_state"])
+    args = ("--devices", "1", "--batchnorm", "--msr-batchnorm", "replace", "--noise", "--seed-offset", "100")
+    result = _run(tmp_path, *args, "--max-steps", "8", "--ckpt-in", str(two_node_run.ckpt))
+    assert result.returncode == 0, result.stderr[-4000:]
+    record = torch.load(tmp_path / "rank0.pt")
+    assert (record["world_size"], record["num_nodes"]) == (1, 1)
+    assert record["global_step_start"] == 4
+    assert _identical(record["start_state"], checkpoint["state_dict"])  # not re-initialised from seed 100
+    assert record["steps"] == 4
+    assert not torch.equal(record["end_state"]["net.0.weight"], checkpoint["state_dict"]["net.0.weight"])
+    for key in CONV_WEIGHTS:
+        assert float(mean_shift(record["end_state"][key])) < 1e-5, key
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_two_node_checkpoint_resumes_on_two_nodes(two_node_run, tmp_path):
+    checkpoint = torch.load(two_node_run.ckpt, weights_only=False)
+    resume = ("--max-steps", "8", "--seed-offset", "100", "--ckpt-in", str(two_node_run.ckpt))
+    results = _run_nodes(tmp_path, *_NODE_ARGS, *resume)
+    rank0, rank1 = _node_records(tmp_path, results)
+    for record in (rank0, rank1):
+        assert record["global_step_start"] == 4
+        assert _identical(record["start_state"], checkpoint["state_dict"])
+        assert record["steps"] == 4
+    assert _identical(rank0["end_state"], rank1["end_state"])
+    assert not torch.equal(rank0["end_state"]["net.0.weight"], checkpoint["state_dict"]["net.0.weight"])
+    assert not torch.allclose(rank0["probe_train"], rank1["probe_train"])
+
+
+@pytest.mark.ddp
+def test_sync_batchnorm_is_refused_on_every_node(tmp_path):
+    results = _run_nodes(tmp_path, *_NODE_ARGS, "--sync-batchnorm", timeout=120)
+    for node, result in enumerate(results):
+        assert result.returncode != 0, f"node {node} was not refused"
+        assert "MSRConfigurationError" in result.stderr, f"node {node}:\n{result.stderr[-2000:]}"
+        assert "refuses `Trainer(sync_batchnorm=True)`" in result.stderr
+        # refused while the Trainer is built, so no node waits for a peer that will never come
+        assert "Initializing distributed" not in result.stderr + result.stdout
+    assert not list(tmp_path.glob("rank*.pt"))
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_two_nodes_under_torchrun_train_in_sync(tmp_path):
+    results = _run_nodes(tmp_path, *_NODE_ARGS, "--max-steps", "4", launcher="torchrun")
+    _assert_trained_in_sync_across_nodes(_node_records(tmp_path, results), "TorchElasticEnvironment")

@@ -32,6 +32,7 @@ from lightning_msr._checks import (
     _check_seed,
     _check_single_owner,
 )
+from lightning_msr._sharding import is_sharded, local_shard
 from lightning_msr.calibration import CalibrationReport, calibrate, gain_parameters, watch_signal
 from lightning_msr.callbacks.deep_control import _runs_in_worker_processes
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
@@ -40,6 +41,7 @@ from lightning_msr.functional import (
     _filter_norms,
     _Groups,
     _groups,
+    _layout,
     _project_one_,
     adaptive_clip_,
     eligible_weights,
@@ -70,19 +72,39 @@ def _settings(settings: dict[str, Any]) -> str:
 
 
 def _unsupported_strategy(strategy: Any) -> Optional[str]:
+    """Why ``strategy`` lays parameters out so that a kernel group can be split across ranks, or ``None``.
+
+    FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) keeps whole rows of every weight on one rank and is
+    supported; each of its DTensor weights is checked in ``_collect`` (``functional._layout``).
+    """
     names = {cls.__name__ for cls in type(strategy).__mro__}
     for name, why in (
-        ("FSDPStrategy", "it flattens and shards parameters, so kernels are not whole on any rank"),
-        ("DeepSpeedStrategy", "it flattens and partitions parameters and gradients"),
-        ("ModelParallelStrategy", "it shards parameters as DTensors"),
+        ("FSDPStrategy", "it flattens and shards the parameters of each unit (FSDP1) as one buffer in equal pieces"),
+        ("DeepSpeedStrategy", "it flattens and partitions parameters and gradients into equal pieces"),
     ):
         if name in names:
-            return f"{type(strategy).__name__} is not supported: {why}. Use 'ddp', 'ddp_msr' or a single device."
+            return (
+                f"{type(strategy).__name__} is not supported: {why}, wherever kernels begin and end, so a kernel "
+                "group can be split across ranks. Use 'ddp_msr' (or 'ddp'), or, to shard, Lightning's "
+                "`ModelParallelStrategy` with FSDP2's `fully_shard` in `configure_model`: it shards every weight "
+                "along dim 0 (the output filters of a conv), which keeps each kernel whole on one rank."
+            )
     return None
 
 
+def _parameters_replaced(weights: list[KernelWeight]) -> bool:
+    """Whether a module's ``weight`` is no longer the parameter collected (FSDP2's ``fully_shard`` in
+    ``configure_model``, which runs after ``setup``, replaces each parameter by a sharded one)."""
+    return any(w.module._parameters.get("weight") is not w.parameter for w in weights)
+
+
 def _broadcast_(trainer: pl.Trainer, tensor: Tensor) -> None:
-    """Copy rank 0's values into ``tensor`` on every rank (a no-op outside torch.distributed)."""
+    """Copy rank 0's values into ``tensor`` on every rank (a no-op outside torch.distributed).
+
+    A sharded (FSDP2) tensor is left alone: each rank holds different rows, drawn from the same seed.
+    """
+    if is_sharded(tensor):
+        return
     if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.broadcast(tensor.data, src=0)
 
@@ -175,7 +197,8 @@ class MeanShiftRejection(Callback):
 
     Raises:
         MSRConfigurationError: for an argument out of range (at construction), and at ``setup`` for BatchNorm
-            with ``batchnorm="error"``, for sharded strategies (FSDP, DeepSpeed), for an ``exclude`` pattern
+            with ``batchnorm="error"``, for FSDP1 and DeepSpeed (FSDP2's ``fully_shard`` is supported), for a
+            DTensor weight sharded so that a kernel group is split across ranks, for an ``exclude`` pattern
             that matches no module, for a second ``MeanShiftRejection`` in the Trainer acting on some of the
             same weights, or for a model without conv layers when ``strict=True``.
 
@@ -386,8 +409,13 @@ class MeanShiftRejection(Callback):
                 raise MSRConfigurationError(message + " (raised because `strict=True`)")
             rank_zero_warn(message, category=MSRWarning)
         self._weights = weights
+        # of the local shard for an FSDP2 (DTensor) weight; refuses a sharding that splits a group
         self._layouts = {
-            id(w.parameter): (w.parameter, _groups(w.parameter.shape, self._mode, w.transposed, w.groups), w.name)
+            id(w.parameter): (
+                w.parameter,
+                _layout(w.parameter, self._mode, w.transposed, w.groups, keep_magnitude=self._keep_magnitude),
+                w.name,
+            )
             for w in weights
         }
         self._model_ref = weakref.ref(pl_module)
@@ -537,7 +565,7 @@ class MeanShiftRejection(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        if self._deferred or self._weights is None:
+        if self._deferred or self._weights is None or _parameters_replaced(self._weights):
             self._deferred = False
             self._handle_batchnorm(pl_module)
             self._collect(pl_module)
@@ -773,7 +801,7 @@ class MeanShiftRejection(Callback):
                     ratio = target / norms.clamp(min=_TINY)
                     if free is not None:
                         ratio.masked_fill_(free, 1.0)
-                    param.data.mul_(ratio.to(param.dtype))
+                    local_shard(param.data).mul_(ratio.to(param.dtype))
 
     # ------------------------------------------------------------------ logging
     @override

@@ -1,9 +1,14 @@
-"""A 2-process CPU (gloo) training run for tests/test_ddp_strategy.py; every rank writes what it saw to ``--out``.
+"""A CPU (gloo) DDP training run for tests/test_ddp_strategy.py; every rank writes what it saw to ``--out``.
 
-Run as a script: Lightning's ``popen`` launcher starts the other rank by re-running this file with the same
-arguments, so all training code is under ``if __name__ == "__main__"`` and the classes are importable (and
-picklable for ``ddp_msr_spawn``). Each rank builds its model from its own seed (``--seed-offset + rank``), so
-identical weights at train start are the strategy's doing, not the seed's.
+Run as a script: Lightning's ``popen`` launcher starts the other ranks of a node by re-running this file with the
+same arguments, so all training code is under ``if __name__ == "__main__"`` and the classes are importable (and
+picklable for ``ddp_msr_spawn``). Each rank builds its model from its own seed (``--seed-offset`` + its global
+rank), so identical weights at train start are the strategy's doing, not the seed's.
+
+By default one launcher process runs 2 ranks on one node (``--devices 2``). With ``--num-nodes 2 --devices 1``
+the test starts this script twice, as two "nodes" of one rank each: with ``NODE_RANK``/``MASTER_ADDR``/
+``MASTER_PORT``/``WORLD_SIZE`` set (Lightning's ``LightningEnvironment``), or under ``torchrun --nnodes=2``
+(``TorchElasticEnvironment``, which sets ``RANK`` and ``LOCAL_RANK``).
 
 Each rank saves ``rank{global_rank}.pt`` with:
 
@@ -12,7 +17,8 @@ Each rank saves ``rank{global_rank}.pt`` with:
 * ``probe_train`` / ``probe_eval`` -- the first conv layer's output (as the next module receives it, i.e. after
   every hook on the conv) for a fixed input identical on all ranks, in train and in eval mode, computed at the
   start of the first training batch;
-* ``global_step_start``, ``ddp_broadcast_buffers``, ``strategy``, ``world_size``, ``steps``.
+* ``global_step_start``, ``ddp_broadcast_buffers``, ``strategy``, ``world_size``, ``steps``;
+* ``global_rank``, ``node_rank``, ``num_nodes``, ``cluster_environment`` (the class name) and ``seed``.
 """
 
 from __future__ import annotations
@@ -61,9 +67,9 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class Recorder(Callback):
-    def __init__(self, out: str) -> None:
+    def __init__(self, out: str, seed: int) -> None:
         self.out = out
-        self.record: dict[str, Any] = {"steps": 0}
+        self.record: dict[str, Any] = {"steps": 0, "seed": seed}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.record["setup_state"] = _state(pl_module)
@@ -73,6 +79,10 @@ class Recorder(Callback):
         self.record["global_step_start"] = trainer.global_step
         self.record["strategy"] = type(trainer.strategy).__name__
         self.record["world_size"] = trainer.world_size
+        self.record["global_rank"] = trainer.global_rank
+        self.record["node_rank"] = trainer.node_rank
+        self.record["num_nodes"] = trainer.num_nodes
+        self.record["cluster_environment"] = type(trainer.strategy.cluster_environment).__name__
         wrapper = trainer.strategy.model
         self.record["ddp_broadcast_buffers"] = bool(getattr(wrapper, "broadcast_buffers", True))
 
@@ -111,6 +121,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--strategy", default="ddp_msr")
     parser.add_argument("--max-steps", type=int, default=4)
+    parser.add_argument("--num-nodes", type=int, default=1)
+    parser.add_argument("--devices", type=int, default=2, help="processes per node")
     parser.add_argument("--seed-offset", type=int, default=0)
     parser.add_argument("--batchnorm", action="store_true", help="build the model with a BatchNorm2d")
     parser.add_argument("--msr-batchnorm", default="warn", choices=["warn", "replace", "error"])
@@ -131,9 +143,12 @@ def main() -> None:
     if args.legacy_buffers:
         ddp_module._DDP_HAS_FORWARD_SYNC_BUFFERS = False
 
-    # popen: the launcher sets LOCAL_RANK for the ranks it starts; spawn: the model is built once and pickled.
-    rank = int(os.environ.get("LOCAL_RANK", 0))
-    torch.manual_seed(args.seed_offset + rank)
+    # popen: the launcher sets LOCAL_RANK for the ranks it starts (NODE_RANK is set per node by the caller);
+    # torchrun sets RANK; spawn: the model is built once and pickled.
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank = int(os.environ.get("RANK", int(os.environ.get("NODE_RANK", 0)) * args.devices + local_rank))
+    seed = args.seed_offset + rank
+    torch.manual_seed(seed)
     model = SmallConvNet(batchnorm=args.batchnorm)
 
     g = torch.Generator().manual_seed(0)
@@ -149,11 +164,12 @@ def main() -> None:
         )
     if args.noise:
         callbacks.append(lightning_msr.NoiseInjection(scale=0.15, shift=0.1))
-    callbacks.append(Recorder(args.out))
+    callbacks.append(Recorder(args.out, seed))
 
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=2,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
         strategy=args.strategy,
         sync_batchnorm=args.sync_batchnorm,
         max_steps=args.max_steps,
