@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_msr.exceptions import MSRConfigurationError
@@ -47,6 +48,7 @@ __all__ = [
     "is_scaled_conv",
     "merge_scale_",
     "scale_conv_",
+    "scaled_conv",
     "scaled_weight",
 ]
 
@@ -75,6 +77,137 @@ def scaled_weight(weight: Tensor, scale: Tensor) -> Tensor:
     return weight * scale.view(-1, *([1] * (weight.dim() - 1)))
 
 
+_CONVS = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+class _ScaledConvFunction(torch.autograd.Function):
+    """``conv(x, scale * weight) + bias`` that saves ``x``, ``weight`` and ``scale`` -- not ``scale * weight``.
+
+    Through autograd, the conv would keep the scaled weight (a new weight-sized tensor per layer, as much as
+    the model's parameters) alive until backward; here it is recomputed there, which costs one elementwise
+    product per layer. ``dL/dweight = scale * dL/dW_eff`` and ``dL/dscale = sum(dL/dW_eff * weight)`` per
+    output filter. Under autocast the conv runs in the autocast dtype, in forward and in backward alike.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        scale: Tensor,
+        bias: Optional[Tensor],
+        stride: tuple[int, ...],
+        padding: tuple[int, ...],
+        dilation: tuple[int, ...],
+        groups: int,
+    ) -> Tensor:
+        out = _CONVS[weight.dim()](x, scaled_weight(weight, scale), bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, scale)
+        ctx.options = (list(stride), list(padding), list(dilation), groups)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, weight, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.options
+        needs_x, needs_weight, needs_scale, needs_bias = ctx.needs_input_grad[:4]
+        effective = scaled_weight(weight, scale)
+        grad_x, grad_effective, grad_bias = torch.ops.aten.convolution_backward(
+            grad,
+            x.to(grad.dtype),  # the dtype the conv ran in (autocast's, if it was on)
+            effective.to(grad.dtype),
+            None if ctx.bias_dtype is None else [weight.shape[0]],
+            stride,
+            padding,
+            dilation,
+            False,
+            [0] * len(stride),
+            groups,
+            [needs_x, needs_weight or needs_scale, needs_bias and ctx.bias_dtype is not None],
+        )
+        grad_weight = grad_scale = None
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        if grad_effective is not None:
+            grad_effective = grad_effective.to(weight.dtype)
+            if needs_weight:
+                grad_weight = scaled_weight(grad_effective, scale)
+            if needs_scale:
+                grad_scale = (grad_effective * weight).sum(dim=tuple(range(1, weight.dim()))).to(scale.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_scale, grad_bias, None, None, None, None
+
+
+def _conv_options(conv: Any) -> dict[str, Any]:
+    return {
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+        "padding_mode": conv.padding_mode,
+    }
+
+
+def scaled_conv(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    bias: Optional[Tensor] = None,
+    stride: Union[int, tuple[int, ...]] = 1,
+    padding: Union[int, str, tuple[int, ...]] = 0,
+    dilation: Union[int, tuple[int, ...]] = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """``conv(x, scale[o] * weight[o]) + bias[o]``: the functional form of :class:`ScaledConv2d` (and 1-D/3-D).
+
+    The dimensionality follows ``weight`` (3-D: ``conv1d``, 4-D: ``conv2d``, 5-D: ``conv3d``). Autograd keeps
+    ``x`` and the parameters for backward, not the scaled weight (it is recomputed in backward), except with a
+    string ``padding`` (``"same"``/``"valid"``), which goes through the plain conv.
+
+    Args:
+        x: input of shape ``(N, C_in, *spatial)``.
+        weight: conv weight ``(out, in / groups, *kernel)``, the filter directions.
+        scale: per-filter scale ``(out,)``.
+        bias: per-filter bias ``(out,)`` or ``None``.
+        stride: as in ``torch.nn.functional.conv2d``.
+        padding: as in ``torch.nn.functional.conv2d`` (int, tuple, ``"same"`` or ``"valid"``).
+        dilation: as in ``torch.nn.functional.conv2d``.
+        groups: as in ``torch.nn.functional.conv2d``.
+        padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``, as in ``nn.Conv2d``.
+
+    Returns:
+        The conv output.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_msr.nn.scaled_conv import scaled_conv
+        >>> x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+        >>> scale = torch.tensor([1.0, 2.0, -1.0])
+        >>> out = scaled_conv(x, w, scale, padding=1)
+        >>> torch.allclose(out, torch.nn.functional.conv2d(x, w, padding=1) * scale.view(-1, 1, 1), atol=1e-5)
+        True
+    """
+    dims = weight.dim() - 2
+    if isinstance(padding, str):
+        if padding_mode != "zeros":
+            raise MSRConfigurationError(
+                f"Expected `padding_mode='zeros'` with a string `padding`, but got padding={padding!r} and "
+                f"padding_mode={padding_mode!r}; pass the padding as numbers."
+            )
+        return _CONVS[weight.dim()](x, scaled_weight(weight, scale), bias, stride, padding, dilation, groups)
+    as_tuple = lambda value: tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims  # noqa: E731
+    padding = as_tuple(padding)
+    if padding_mode != "zeros":
+        pad = [p for p in reversed(padding) for _ in range(2)]
+        x = F.pad(x, pad, mode=padding_mode)
+        padding = (0,) * dims
+    return _ScaledConvFunction.apply(x, weight, scale, bias, as_tuple(stride), padding, as_tuple(dilation), groups)
+
+
 class _ScaledConv:
     """What the 1-D, 2-D and 3-D scaled convolutions share; mixed in before ``nn.ConvNd``."""
 
@@ -95,7 +228,9 @@ class _ScaledConv:
 
     def forward(self, input: Tensor) -> Tensor:
         """The convolution of ``input`` with ``scale * weight``, plus ``bias``."""
-        return self._conv_forward(input, scaled_weight(self.weight, self.scale), self.bias)  # type: ignore[attr-defined]
+        if isinstance(self.padding, str):  # "same"/"valid": nn.ConvNd works out the (maybe uneven) padding
+            return self._conv_forward(input, scaled_weight(self.weight, self.scale), self.bias)  # type: ignore[attr-defined]
+        return scaled_conv(input, self.weight, self.scale, self.bias, **_conv_options(self))
 
 
 class ScaledConv2d(_ScaledConv, nn.Conv2d):
