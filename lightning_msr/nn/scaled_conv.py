@@ -131,10 +131,11 @@ class _ScaledConvFunction(torch.autograd.Function):
             grad_x = grad_x.to(x.dtype)
         if grad_effective is not None:
             grad_effective = grad_effective.to(weight.dtype)
-            if needs_weight:
-                grad_weight = scaled_weight(grad_effective, scale)
-            if needs_scale:
-                grad_scale = (grad_effective * weight).sum(dim=tuple(range(1, weight.dim()))).to(scale.dtype)
+            if needs_scale:  # one dot product per filter, no weight-sized temporary
+                rows = grad_effective.reshape(weight.shape[0], 1, -1)
+                grad_scale = torch.bmm(rows, weight.reshape(weight.shape[0], -1, 1)).flatten().to(scale.dtype)
+            if needs_weight:  # a fresh tensor of ours: scale it in place
+                grad_weight = grad_effective.mul_(scale.to(grad_effective.dtype).view(-1, *[1] * (weight.dim() - 1)))
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_scale, grad_bias, None, None, None, None
