@@ -272,7 +272,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget-mib", type=float, default=1536.0, help="peak-RSS budget of the whole process")
     parser.add_argument("--budget-model", default="resnet18", choices=MODELS)
-    parser.add_argument("--budget-methods", nargs="*", default=["batchnorm", "msr", "agc"], choices=METHODS)
+    parser.add_argument(
+        "--budget-methods", nargs="*", default=None, choices=METHODS, help="default: batchnorm, msr, agc if measured"
+    )
     parser.add_argument(
         "--budget-batches", nargs="+", type=int, default=[32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
     )
@@ -300,6 +302,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.batch_size, args.image_size, args.steps, args.rounds = 2, 32, 2, 2
         args.budget_batches = [2, 4]
     models = args.models or (["resnet18"] if args.tiny else list(MODELS))
+    if args.budget_methods is None:
+        args.budget_methods = [m for m in ("batchnorm", "msr", "agc") if m in args.methods]
 
     rows = []
     for model in models:
