@@ -21,7 +21,7 @@ seen by ``torch.autograd.graph.saved_tensors_hooks``, and the unique storages th
 
 The largest batch in a memory budget (``--budget-mib``, on the peak resident memory of the whole process, what a
 container limit or ``ulimit`` sees) is measured on ``--budget-model`` for ``--budget-methods``: one fresh process
-per method trains two steps at each batch size of ``--budget-batches`` in increasing order and reports its peak RSS
+per method trains one step at each batch size of ``--budget-batches`` in increasing order and reports its peak RSS
 (``getrusage``'s high-water mark) after each; the largest batch size whose peak stays within the budget is reported.
 Results go to ``docs/benchmarks/speed.md`` (+ ``speed.csv``, ``speed.png``, ``speed_budget.csv``,
 ``speed_budget.png``), as ratios to BatchNorm.
@@ -214,10 +214,14 @@ def _peak_rss_mib() -> float:
 
 
 def peak_worker(method: str, model: str, batch_sizes: list[int], image_size: int, tiny: bool, budget: float) -> None:
-    """Train two steps at each batch size (increasing) and print one JSON line with the peak RSS after each."""
+    """Train one step at each batch size (increasing) and print one JSON line with the peak RSS after each.
+
+    One step is the peak: its backward holds the saved activations and the gradients, and SGD's momentum buffers
+    are created in it.
+    """
     baseline = _rss_mib()
     for batch_size in sorted(batch_sizes):
-        measure(method, batch_size, image_size, 1, model, tiny)
+        measure(method, batch_size, image_size, 0, model, tiny)
         peak = _peak_rss_mib()
         print(json.dumps({"batch_size": batch_size, "peak_rss_mib": peak, "baseline_rss_mib": baseline}), flush=True)
         if peak > budget:
@@ -412,7 +416,7 @@ def write_outputs(rows: list[dict], budget_rows: list[dict], args: argparse.Name
             f"## Largest batch in a {budget:.0f} MiB budget ({model})",
             "",
             f"Peak resident memory (MiB) of a fresh process training `{model}` at {int(args.image_size)}x"
-            f"{int(args.image_size)} for two steps at each batch size, increasing (`getrusage` high-water mark; "
+            f"{int(args.image_size)} for one step at each batch size, increasing (`getrusage` high-water mark; "
             f"the process holds about {budget_rows[0]['baseline_rss_mib']:.0f} MiB before training: Python, torch, "
             "Lightning). A method stops at the first batch size over the budget.",
             "",

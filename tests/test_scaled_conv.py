@@ -24,7 +24,11 @@ def saved_tensors(fn):
 
 @pytest.mark.parametrize(
     ("cls", "plain", "shape"),
-    [(ScaledConv1d, nn.Conv1d, (2, 4, 9)), (ScaledConv2d, nn.Conv2d, (2, 4, 7, 6)), (ScaledConv3d, nn.Conv3d, (1, 4, 4, 5, 3))],
+    [
+        (ScaledConv1d, nn.Conv1d, (2, 4, 9)),
+        (ScaledConv2d, nn.Conv2d, (2, 4, 7, 6)),
+        (ScaledConv3d, nn.Conv3d, (1, 4, 4, 5, 3)),
+    ],
     ids=["1d", "2d", "3d"],
 )
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
@@ -125,7 +129,7 @@ def test_scale_conv_and_merge_scale_in_place():
     torch.testing.assert_close(conv(x), after)
     with pytest.raises(MSRConfigurationError, match="Expected a ScaledConv1d, ScaledConv2d or ScaledConv3d, but got"):
         merge_scale_(conv)
-    with pytest.raises(MSRConfigurationError, match="Expected a plain nn.Conv1d, nn.Conv2d or nn.Conv3d, but got"):
+    with pytest.raises(MSRConfigurationError, match=r"Expected a plain nn\.Conv1d, nn\.Conv2d or nn\.Conv3d, but got"):
         scale_conv_(nn.ConvTranspose2d(3, 4, 3))
 
 

@@ -217,7 +217,8 @@ class _ScaledConv:
     bias: Optional[nn.Parameter]
     out_channels: int
 
-    def _init_scale(self, device: Any, dtype: Any) -> None:
+    def __init__(self, *args: Any, device: Any = None, dtype: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, device=device, dtype=dtype, **kwargs)  # type: ignore[call-arg]  # nn.ConvNd's
         self.scale = nn.Parameter(torch.ones(self.out_channels, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
@@ -267,10 +268,6 @@ class ScaledConv2d(_ScaledConv, nn.Conv2d):
         True
     """
 
-    def __init__(self, *args: Any, device: Any = None, dtype: Any = None, **kwargs: Any) -> None:
-        nn.Conv2d.__init__(self, *args, device=device, dtype=dtype, **kwargs)
-        self._init_scale(device, dtype)
-
 
 class ScaledConv1d(_ScaledConv, nn.Conv1d):
     """An ``nn.Conv1d`` with a learnable per-filter scale: :class:`ScaledConv2d` for 1-D inputs.
@@ -290,10 +287,6 @@ class ScaledConv1d(_ScaledConv, nn.Conv1d):
         (torch.Size([4, 3, 8]), torch.Size([3]))
     """
 
-    def __init__(self, *args: Any, device: Any = None, dtype: Any = None, **kwargs: Any) -> None:
-        nn.Conv1d.__init__(self, *args, device=device, dtype=dtype, **kwargs)
-        self._init_scale(device, dtype)
-
 
 class ScaledConv3d(_ScaledConv, nn.Conv3d):
     """An ``nn.Conv3d`` with a learnable per-filter scale: :class:`ScaledConv2d` for 3-D inputs.
@@ -312,10 +305,6 @@ class ScaledConv3d(_ScaledConv, nn.Conv3d):
         >>> conv(torch.randn(1, 2, 5, 5, 5)).shape, conv.scale.shape
         (torch.Size([1, 3, 3, 3, 3]), torch.Size([3]))
     """
-
-    def __init__(self, *args: Any, device: Any = None, dtype: Any = None, **kwargs: Any) -> None:
-        nn.Conv3d.__init__(self, *args, device=device, dtype=dtype, **kwargs)
-        self._init_scale(device, dtype)
 
 
 _PLAIN_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
