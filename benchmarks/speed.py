@@ -261,7 +261,7 @@ def measure_budget(args: argparse.Namespace) -> list[dict]:
 
 def largest_batch(rows: list[dict], method: str, budget: float) -> Optional[int]:
     """The largest measured batch size of ``method`` whose peak RSS stays within ``budget`` MiB."""
-    fits = [r["batch_size"] for r in rows if r["method"] == method and r["peak_rss_mib"] <= budget]
+    fits = [int(r["batch_size"]) for r in rows if r["method"] == method and r["peak_rss_mib"] <= budget]
     return max(fits) if fits else None
 
 
@@ -286,6 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests use it)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the tables and plots from the CSVs")
+    parser.add_argument("--note", default="", help="a sentence about the run (e.g. the machine's load) for speed.md")
     args = parser.parse_args(argv)
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_msr"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -376,7 +377,8 @@ def write_outputs(rows: list[dict], budget_rows: list[dict], args: argparse.Name
         f"Lightning `Trainer` + SGD. Step time: median over {int(args.rounds)} alternating rounds of the median of "
         f"{int(args.steps)} steps (forward, backward, callback hooks, optimizer step). Saved activations: exact bytes "
         "of the unique non-parameter storages autograd saves for backward in one training step "
-        "(`torch.autograd.graph.saved_tensors_hooks`). Ratios are to `batchnorm`, measured in the same process.",
+        "(`torch.autograd.graph.saved_tensors_hooks`). Ratios are to `batchnorm`, measured in the same process."
+        + (f" {args.note}" if args.note else ""),
         "",
     ]
     for model in models:
