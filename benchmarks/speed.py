@@ -1,25 +1,34 @@
-"""Training-step time and saved-activation memory of BatchNorm vs MSR vs MSR + noise vs Deep Control (AGC).
+"""Step time, saved-activation memory and the largest batch in a memory budget: BatchNorm vs MSR vs Deep Control.
 
-torchvision's ``resnet18`` (random init, 10 classes) at batch 32 on 64x64 inputs, on the CPU, trained by a
-Lightning ``Trainer`` with SGD. Each method is the same network plus the plugin's callbacks:
+torchvision's ``resnet18`` and ``mobilenet_v2`` (random init, 10 classes) at batch 32 on 64x64 inputs, on the CPU,
+trained by a Lightning ``Trainer`` with SGD. Each method is the same network plus the plugin's callbacks:
 
 * ``batchnorm`` -- the network as is;
-* ``msr`` -- ``MeanShiftRejection(batchnorm="replace")``: BatchNorm swapped for a per-channel scale and bias,
-  zero-mean kernels, gradient projection;
-* ``msr_noise`` -- the same plus ``NoiseInjection()``;
-* ``agc`` -- ``DeepControl()``: BatchNorm swapped for ``AutomaticGainControl``.
+* ``msr`` -- ``MeanShiftRejection(batchnorm="replace")``: BatchNorm's scale folded into the conv feeding it
+  (``replace_batchnorm(model, "fold")``), zero-mean kernels, gradient projection;
+* ``msr_affine`` -- ``MeanShiftRejection(batchnorm="affine")``: the same function with the scale and bias as a
+  separate ``ChannelAffine`` layer after each conv (what ``"replace"`` did before the fold);
+* ``msr_noise`` -- ``msr`` plus ``NoiseInjection()``;
+* ``agc`` -- ``DeepControl()``: the gain folded into the conv, ``AutomaticGainControl`` (beta, bias) after it;
+* ``agc_unfolded`` -- ``DeepControl(fold_gain=False)``: the gain inside the gain control;
+* ``no_norm`` -- every BatchNorm replaced by ``nn.Identity`` (the floor: BatchNorm deleted, no scale at all).
 
-All methods run in one process, alternating in rounds (``--rounds``), so that load changes on a shared machine
-hit them alike; step time is the median over rounds of the per-round median of the steps after warm-up, measured
-from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, callbacks' hooks, optimizer step).
-Saved-activation bytes are exact: every tensor that autograd saves for backward during one training step is
-seen by ``torch.autograd.graph.saved_tensors_hooks``, and the unique storages that are not parameters are
-summed. Results are reported as ratios to BatchNorm in ``docs/benchmarks/speed.md`` (+ ``speed.csv``,
-``speed.png``).
+All methods of a model run in one process, alternating in rounds (``--rounds``), so that load changes on a shared
+machine hit them alike; step time is the median over rounds of the per-round median of the steps after warm-up,
+measured from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, callbacks' hooks, optimizer
+step). Saved-activation bytes are exact: every tensor that autograd saves for backward during one training step is
+seen by ``torch.autograd.graph.saved_tensors_hooks``, and the unique storages that are not parameters are summed.
+
+The largest batch in a memory budget (``--budget-mib``, on the peak resident memory of the whole process, what a
+container limit or ``ulimit`` sees) is measured on ``--budget-model`` for ``--budget-methods``: one fresh process
+per method trains one step at each batch size of ``--budget-batches`` in increasing order and reports its peak RSS
+(``getrusage``'s high-water mark) after each; the largest batch size whose peak stays within the budget is reported.
+Results go to ``docs/benchmarks/speed.md`` (+ ``speed.csv``, ``speed.png``, ``speed_budget.csv``,
+``speed_budget.png``), as ratios to BatchNorm.
 
 Usage::
 
-    python benchmarks/speed.py                      # about a minute per round on an idle laptop CPU
+    python benchmarks/speed.py                      # a few minutes on an idle laptop CPU
     python benchmarks/speed.py --tiny --out /tmp/s  # seconds
 """
 
@@ -27,8 +36,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
+import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -41,8 +53,10 @@ from torch import nn
 
 import lightning_msr
 
-METHODS = ("batchnorm", "msr", "msr_noise", "agc")
+METHODS = ("batchnorm", "msr", "msr_affine", "msr_noise", "agc", "agc_unfolded", "no_norm")
+MODELS = ("resnet18", "mobilenet_v2")
 FIELDS = [
+    "model",
     "method",
     "batch_size",
     "image_size",
@@ -53,33 +67,43 @@ FIELDS = [
     "steps",
     "rounds",
 ]
+BUDGET_FIELDS = ["model", "method", "batch_size", "image_size", "peak_rss_mib", "baseline_rss_mib"]
+WHAT = {
+    "batchnorm": "BatchNorm2d (batch statistics)",
+    "msr": "nothing: the scale is folded into the conv (`ScaledConv2d`), the bias is the conv's; plus the gradient "
+    "projection before each step",
+    "msr_affine": "a separate per-channel scale and bias (`ChannelAffine`), plus the gradient projection",
+    "msr_noise": "as `msr`, plus `NoiseInjection()`'s per-(sample, channel) multiply-add on the conv outputs",
+    "agc": "the gain folded into the conv, then `AutomaticGainControl` without gain (a scaled per-sample spatial "
+    "mean subtraction and a bias), which saves only its map means",
+    "agc_unfolded": "`AutomaticGainControl` with its gain, which needs the conv output for the gain's gradient",
+    "no_norm": "nothing at all (`nn.Identity`): the floor, BatchNorm deleted without a replacement",
+}
 
 
-def _placeholder(cls: type) -> bool:
-    return "placeholder" in (cls.__doc__ or "").lower()
+class _ReplaceBatchNorm(L.Callback):
+    """``replace_batchnorm(model, replacement)`` at fit setup, for the ``no_norm`` floor."""
+
+    def __init__(self, replacement: str) -> None:
+        self._replacement = replacement
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        lightning_msr.replace_batchnorm(pl_module, self._replacement)
 
 
 def callbacks_for(method: str) -> list:
-    """The plugin callbacks of a method (raises ``NotImplementedError`` while one is still a placeholder)."""
+    """The plugin callbacks of a method."""
     if method == "batchnorm":
         return []
-    if method == "agc":
-        if _placeholder(lightning_msr.DeepControl):
-            return [_AGCSurgery()]  # the same surgery DeepControl does, until the callback is implemented
-        return [lightning_msr.DeepControl()]
-    callbacks: list = [lightning_msr.MeanShiftRejection(batchnorm="replace", seed=0)]
+    if method == "no_norm":
+        return [_ReplaceBatchNorm("identity")]
+    if method in ("agc", "agc_unfolded"):
+        return [lightning_msr.DeepControl(fold_gain=method == "agc")]
+    batchnorm = "affine" if method == "msr_affine" else "replace"
+    callbacks: list = [lightning_msr.MeanShiftRejection(batchnorm=batchnorm, seed=0)]
     if method == "msr_noise":
-        if _placeholder(lightning_msr.NoiseInjection):
-            raise NotImplementedError("lightning_msr.NoiseInjection is still a placeholder")
         callbacks.append(lightning_msr.NoiseInjection(seed=0))
     return callbacks
-
-
-class _AGCSurgery(L.Callback):
-    """``replace_batchnorm(model, "agc")`` at fit setup (what ``DeepControl`` does)."""
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        lightning_msr.replace_batchnorm(pl_module, "agc")
 
 
 def saved_activation_bytes(fn: Any, exclude: list[torch.Tensor]) -> int:
@@ -99,17 +123,26 @@ def saved_activation_bytes(fn: Any, exclude: list[torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-class SpeedModule(L.LightningModule):
-    """resnet18 trained with SGD; records saved-activation bytes of its first training step."""
+def build_model(name: str, tiny: bool = False, num_classes: int = 10) -> nn.Module:
+    """A torchvision model with random weights; ``tiny`` gives a seconds-long smoke-run variant."""
+    import torchvision
 
-    def __init__(self, num_classes: int = 10, blocks: int = 2) -> None:
-        super().__init__()
-        import torchvision
-
-        self.model = torchvision.models.resnet18(num_classes=num_classes)
-        if blocks != 2:  # --tiny: one block per stage (a resnet10) for a seconds-long smoke run
+    if name == "resnet18":
+        if tiny:  # one block per stage (a resnet10)
             resnet = torchvision.models.resnet
-            self.model = resnet.ResNet(resnet.BasicBlock, [blocks] * 4, num_classes=num_classes)
+            return resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+        return torchvision.models.resnet18(num_classes=num_classes)
+    if name == "mobilenet_v2":
+        return torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=0.25 if tiny else 1.0)
+    raise ValueError(f"Expected a model in {MODELS}, but got {name!r}.")
+
+
+class SpeedModule(L.LightningModule):
+    """A torchvision model trained with SGD; records saved-activation bytes of its first training step."""
+
+    def __init__(self, model: str = "resnet18", tiny: bool = False) -> None:
+        super().__init__()
+        self.model = build_model(model, tiny)
         self.saved_bytes: Optional[int] = None
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -142,10 +175,12 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def measure(method: str, batch_size: int, image_size: int, steps: int, blocks: int) -> tuple[list[float], int]:
+def measure(
+    method: str, batch_size: int, image_size: int, steps: int, model: str = "resnet18", tiny: bool = False
+) -> tuple[list[float], int]:
     """Per-step seconds (first step excluded) and saved-activation bytes of one fit of ``steps + 1`` steps."""
     L.seed_everything(0, verbose=False)
-    module = SpeedModule(blocks=blocks)
+    module = SpeedModule(model, tiny)
     x = torch.randn(batch_size * (steps + 1), 3, image_size, image_size)
     y = torch.randint(0, 10, (len(x),))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
@@ -167,136 +202,295 @@ def measure(method: str, batch_size: int, image_size: int, steps: int, blocks: i
     return timer.times[1:], int(module.saved_bytes or 0)
 
 
+def _rss_mib() -> float:
+    """The resident memory of this process now (Linux ``/proc/self/statm``), in MiB."""
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_worker(method: str, model: str, batch_sizes: list[int], image_size: int, tiny: bool, budget: float) -> None:
+    """Train one step at each batch size (increasing) and print one JSON line with the peak RSS after each.
+
+    One step is the peak: its backward holds the saved activations and the gradients, and SGD's momentum buffers
+    are created in it.
+    """
+    baseline = _rss_mib()
+    for batch_size in sorted(batch_sizes):
+        measure(method, batch_size, image_size, 0, model, tiny)
+        peak = _peak_rss_mib()
+        print(json.dumps({"batch_size": batch_size, "peak_rss_mib": peak, "baseline_rss_mib": baseline}), flush=True)
+        if peak > budget:
+            return  # the high-water mark only grows: no larger batch fits either
+
+
+def measure_budget(args: argparse.Namespace) -> list[dict]:
+    """Peak RSS per batch size of each budget method, each in a fresh process."""
+    rows = []
+    for method in args.budget_methods:
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--peak-worker",
+            method,
+            "--budget-model",
+            args.budget_model,
+            "--image-size",
+            str(args.image_size),
+            "--threads",
+            str(args.threads),
+            "--budget-mib",
+            str(args.budget_mib),
+            "--budget-batches",
+            *map(str, args.budget_batches),
+        ] + (["--tiny"] if args.tiny else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the peak-memory worker for {method!r} failed:\n{proc.stderr[-3000:]}")
+        for line in proc.stdout.splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                rows.append({"model": args.budget_model, "method": method, "image_size": args.image_size, **record})
+                print(f"budget {method}: batch {record['batch_size']}: {record['peak_rss_mib']:.0f} MiB", flush=True)
+    return rows
+
+
+def largest_batch(rows: list[dict], method: str, budget: float) -> Optional[int]:
+    """The largest measured batch size of ``method`` whose peak RSS stays within ``budget`` MiB."""
+    fits = [int(r["batch_size"]) for r in rows if r["method"] == method and r["peak_rss_mib"] <= budget]
+    return max(fits) if fits else None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=None, choices=MODELS, help="default: both (resnet18 if --tiny)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method and round")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds over the methods")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--budget-mib", type=float, default=1536.0, help="peak-RSS budget of the whole process")
+    parser.add_argument("--budget-model", default="resnet18", choices=MODELS)
+    parser.add_argument(
+        "--budget-methods", nargs="*", default=None, choices=METHODS, help="default: batchnorm, msr, agc if measured"
+    )
+    parser.add_argument(
+        "--budget-batches", nargs="+", type=int, default=[32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512]
+    )
+    parser.add_argument("--peak-worker", default=None, choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests use it)")
-    parser.add_argument("--report-only", action="store_true", help="rebuild speed.md and speed.png from speed.csv")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the tables and plots from the CSVs")
+    parser.add_argument("--note", default="", help="a sentence about the run (e.g. the machine's load) for speed.md")
     args = parser.parse_args(argv)
-    if args.report_only:
-        with (args.out / "speed.csv").open(newline="") as fh:
-            rows = [{k: (v if k == "method" else float(v)) for k, v in r.items()} for r in csv.DictReader(fh)]
-        first = rows[0]
-        args.batch_size, args.image_size = int(first["batch_size"]), int(first["image_size"])
-        args.steps, args.rounds = int(first["steps"]), int(first["rounds"])
-        ref = next(r["method"] for r in rows if r["step_ratio"] == 1.0)
-        skipped = {m: "not in speed.csv" for m in args.methods if m not in {r["method"] for r in rows}}
-        write_outputs(rows, skipped, args, ref)
-        return 0
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_msr"):
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    blocks = 2
+    if args.peak_worker:
+        batches, budget = args.budget_batches, args.budget_mib
+        peak_worker(args.peak_worker, args.budget_model, batches, args.image_size, args.tiny, budget)
+        return 0
+    if args.report_only:
+        rows = _read_csv(args.out / "speed.csv")
+        budget_rows = _read_csv(args.out / "speed_budget.csv") if (args.out / "speed_budget.csv").exists() else []
+        first = rows[0]
+        args.batch_size, args.image_size = int(first["batch_size"]), int(first["image_size"])
+        args.steps, args.rounds = int(first["steps"]), int(first["rounds"])
+        write_outputs(rows, budget_rows, args)
+        return 0
     if args.tiny:
-        args.batch_size, args.image_size, args.steps, args.rounds, blocks = 2, 32, 2, 2, 1
+        args.batch_size, args.image_size, args.steps, args.rounds = 2, 32, 2, 2
+        args.budget_batches = [2, 4]
+    models = args.models or (["resnet18"] if args.tiny else list(MODELS))
+    if args.budget_methods is None:
+        args.budget_methods = [m for m in ("batchnorm", "msr", "agc") if m in args.methods]
 
-    methods, skipped = [], {}
-    for m in args.methods:
-        try:
-            callbacks_for(m)
-            methods.append(m)
-        except NotImplementedError as err:
-            skipped[m] = str(err)
-    per_round: dict[str, list[float]] = {m: [] for m in methods}
-    saved: dict[str, int] = {}
-    for r in range(args.rounds):
-        order = methods if r % 2 == 0 else methods[::-1]  # alternate the order as well
-        for m in order:
-            times, nbytes = measure(m, args.batch_size, args.image_size, args.steps, blocks)
-            per_round[m].append(statistics.median(times))
-            saved[m] = nbytes
-            print(
-                f"round {r + 1}/{args.rounds} {m}: {1000 * per_round[m][-1]:.1f} ms/step, "
-                f"{nbytes / 2**20:.2f} MiB saved",
-                flush=True,
-            )
-
-    ref = "batchnorm" if "batchnorm" in methods else methods[0]
-    ref_ms = 1000 * statistics.median(per_round[ref])
     rows = []
-    for m in methods:
-        ms = 1000 * statistics.median(per_round[m])
-        rows.append(
-            {
-                "method": m,
-                "batch_size": args.batch_size,
-                "image_size": args.image_size,
-                "step_ms": round(ms, 2),
-                "step_ratio": round(ms / ref_ms, 3),
-                "saved_bytes": saved[m],
-                "saved_ratio": round(saved[m] / saved[ref], 4) if saved[ref] else float("nan"),
-                "steps": args.steps,
-                "rounds": args.rounds,
-            }
-        )
-    write_outputs(rows, skipped, args, ref)
+    for model in models:
+        per_round: dict[str, list[float]] = {m: [] for m in args.methods}
+        saved: dict[str, int] = {}
+        for r in range(args.rounds):
+            order = args.methods if r % 2 == 0 else args.methods[::-1]  # alternate the order as well
+            for m in order:
+                times, nbytes = measure(m, args.batch_size, args.image_size, args.steps, model, args.tiny)
+                per_round[m].append(statistics.median(times))
+                saved[m] = nbytes
+                print(
+                    f"{model} round {r + 1}/{args.rounds} {m}: {1000 * per_round[m][-1]:.1f} ms/step, "
+                    f"{nbytes / 2**20:.2f} MiB saved",
+                    flush=True,
+                )
+        ref = "batchnorm" if "batchnorm" in args.methods else args.methods[0]
+        ref_ms = 1000 * statistics.median(per_round[ref])
+        for m in args.methods:
+            ms = 1000 * statistics.median(per_round[m])
+            rows.append(
+                {
+                    "model": model,
+                    "method": m,
+                    "batch_size": args.batch_size,
+                    "image_size": args.image_size,
+                    "step_ms": round(ms, 2),
+                    "step_ratio": round(ms / ref_ms, 3),
+                    "saved_bytes": saved[m],
+                    "saved_ratio": round(saved[m] / saved[ref], 4) if saved[ref] else float("nan"),
+                    "steps": args.steps,
+                    "rounds": args.rounds,
+                }
+            )
+    budget_rows = measure_budget(args) if args.budget_methods else []
+    write_outputs(rows, budget_rows, args)
     return 0
 
 
-def write_outputs(rows: list[dict], skipped: dict[str, str], args: argparse.Namespace, ref: str) -> None:
+def _read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return [
+            {k: (v if k in ("model", "method") else float(v)) for k, v in r.items()} for r in csv.DictReader(fh)
+        ]
+
+
+def write_outputs(rows: list[dict], budget_rows: list[dict], args: argparse.Namespace) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     with (out / "speed.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
+    if budget_rows:
+        with (out / "speed_budget.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=BUDGET_FIELDS)
+            writer.writeheader()
+            writer.writerows(budget_rows)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     lines = [
-        "# Speed and memory: BatchNorm vs MSR vs MSR + noise vs Deep Control",
+        "# Speed and memory: BatchNorm vs MSR vs Deep Control",
         "",
-        f"Generated by `benchmarks/speed.py`: torchvision `resnet18`, batch {args.batch_size}, "
-        f"{args.image_size}x{args.image_size} inputs, CPU ({args.threads} thread), Lightning `Trainer` + SGD. "
-        f"Step time: median over {args.rounds} alternating rounds of the median of {args.steps} steps "
-        "(forward, backward, callback hooks, optimizer step). Saved activations: exact bytes of the unique "
-        "non-parameter storages autograd saves for backward in one training step "
-        "(`torch.autograd.graph.saved_tensors_hooks`). Ratios are to `" + ref + "`, measured in the same process.",
+        f"Generated by `benchmarks/speed.py`: torchvision {', '.join(f'`{m}`' for m in models)}, batch "
+        f"{int(args.batch_size)}, {int(args.image_size)}x{int(args.image_size)} inputs, CPU ({args.threads} thread), "
+        f"Lightning `Trainer` + SGD. Step time: median over {int(args.rounds)} alternating rounds of the median of "
+        f"{int(args.steps)} steps (forward, backward, callback hooks, optimizer step). Saved activations: exact bytes "
+        "of the unique non-parameter storages autograd saves for backward in one training step "
+        "(`torch.autograd.graph.saved_tensors_hooks`). Ratios are to `batchnorm`, measured in the same process."
+        + (f" {args.note}" if args.note else ""),
         "",
-        "| method | step time (ms) | step time ratio | saved activations (MiB) | saved activations ratio |",
-        "|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| `{r['method']}` | {r['step_ms']:.1f} | {r['step_ratio']:.2f} | "
-            f"{r['saved_bytes'] / 2**20:.2f} | {r['saved_ratio']:.3f} |"
-        )
-    if skipped:
-        lines += ["", "Not measured: " + "; ".join(f"`{m}` ({why})" for m, why in skipped.items()) + "."]
+    for model in models:
+        lines += [
+            f"## {model}",
+            "",
+            "| method | step time (ms) | step time ratio | saved activations (MiB) | saved activations ratio |",
+            "|---|---|---|---|---|",
+        ]
+        for r in (r for r in rows if r["model"] == model):
+            lines.append(
+                f"| `{r['method']}` | {r['step_ms']:.1f} | {r['step_ratio']:.2f} | "
+                f"{r['saved_bytes'] / 2**20:.2f} | {r['saved_ratio']:.3f} |"
+            )
+        lines.append("")
+    lines += ["What each method puts after every conv:", ""]
+    lines += [f"- `{m}`: {WHAT[m]};" for m in methods]
     lines += [
         "",
-        "What each method puts after every conv: `batchnorm` -- BatchNorm2d (batch statistics); `msr` -- a "
-        "per-channel scale and bias (`MeanShiftRejection(batchnorm='replace')`), plus the gradient projection "
-        "before each step; `msr_noise` -- the same plus `NoiseInjection()`'s per-(sample, channel) multiply-add "
-        "on the conv outputs; `agc` -- `AutomaticGainControl` (a scaled per-sample spatial mean subtraction, "
-        "gain and bias). On a shared machine the step times are noisy even with alternation and medians: read "
+        "Where the memory goes: BatchNorm (and a separate scale layer) keeps the conv output for its backward, and "
+        "the in-place ReLU after it keeps its own output; folded, the conv output is not kept by anyone (a conv's "
+        "backward needs its input and weight), and the in-place ReLU rewrites it, so a conv -> scale -> ReLU stack "
+        "saves what conv -> ReLU saves. The scaled conv recomputes `scale * weight` in backward instead of keeping "
+        "a weight-sized copy. On a shared machine the step times are noisy even with alternation and medians: read "
         "ratios within about 10% as equal.",
         "",
         "![step time and saved activations relative to BatchNorm](speed.png)",
         "",
     ]
+    budget_methods = list(dict.fromkeys(r["method"] for r in budget_rows))
+    if budget_rows:
+        budget = args.budget_mib
+        model = budget_rows[0]["model"]
+        batches = sorted({int(r["batch_size"]) for r in budget_rows})
+        peak = {(r["method"], int(r["batch_size"])): r["peak_rss_mib"] for r in budget_rows}
+        lines += [
+            f"## Largest batch in a {budget:.0f} MiB budget ({model})",
+            "",
+            f"Peak resident memory (MiB) of a fresh process training `{model}` at {int(args.image_size)}x"
+            f"{int(args.image_size)} for one step at each batch size, increasing (`getrusage` high-water mark; "
+            f"the process holds about {budget_rows[0]['baseline_rss_mib']:.0f} MiB before training: Python, torch, "
+            "Lightning). A method stops at the first batch size over the budget.",
+            "",
+            "| batch size | " + " | ".join(f"{m} peak (MiB)" for m in budget_methods) + " |",
+            "|---" * (len(budget_methods) + 1) + "|",
+        ]
+        for b in batches:
+            cells = [f"{peak[(m, b)]:.0f}" if (m, b) in peak else "-" for m in budget_methods]
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        largest = {m: largest_batch(budget_rows, m, budget) for m in budget_methods}
+        lines += [
+            "",
+            "| method | largest batch within budget | ratio to batchnorm |",
+            "|---|---|---|",
+        ]
+        ref = largest.get("batchnorm")
+        for m in budget_methods:
+            ratio = f"{largest[m] / ref:.2f}" if ref and largest[m] else "-"
+            lines.append(f"| {m} | {largest[m] if largest[m] else 'none'} | {ratio} |")
+        lines += [
+            "",
+            f"The batch sizes are a grid ({', '.join(map(str, batches))}): the true limit lies between a listed "
+            "size and the next.",
+            "",
+            "![peak memory vs batch size](speed_budget.png)",
+            "",
+        ]
     (out / "speed.md").write_text("\n".join(lines))
+    _plot(rows, budget_rows, args, out)
+    print(f"wrote {out / 'speed.md'}")
+
+
+def _plot(rows: list[dict], budget_rows: list[dict], args: argparse.Namespace, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    names = [r["method"] for r in rows]
-    axes[0].bar(names, [r["step_ratio"] for r in rows], color="tab:blue")
-    axes[0].set_title(f"step time / {ref}")
-    axes[1].bar(names, [r["saved_ratio"] for r in rows], color="tab:orange")
-    axes[1].set_title(f"saved activations / {ref}")
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        by_method = {r["method"]: r for r in rows if r["model"] == model}
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(methods))]
+        axes[0].bar(xs, [by_method[m]["step_ratio"] for m in methods], width, label=model)
+        axes[1].bar(xs, [by_method[m]["saved_ratio"] for m in methods], width, label=model)
+    axes[0].set_title("step time / batchnorm")
+    axes[1].set_title("saved activations / batchnorm")
     for ax in axes:
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "speed.png", dpi=110)
     plt.close(fig)
-    print(f"wrote {out / 'speed.md'}")
+    if not budget_rows:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method in dict.fromkeys(r["method"] for r in budget_rows):
+        points = sorted((int(r["batch_size"]), r["peak_rss_mib"]) for r in budget_rows if r["method"] == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.axhline(args.budget_mib, color="k", lw=0.8, ls="--", label=f"budget {args.budget_mib:.0f} MiB")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("peak RSS (MiB)")
+    ax.set_title(f"{budget_rows[0]['model']}, {int(args.image_size)}x{int(args.image_size)}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "speed_budget.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

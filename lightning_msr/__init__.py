@@ -18,7 +18,7 @@ from lightning_msr.callbacks import DeepControl, MeanShiftRejection, NoiseInject
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.noise import channel_noise
 from lightning_msr.strategies import MSRDDPStrategy
-from lightning_msr.surgery import Replacements, find_batchnorm, replace_batchnorm
+from lightning_msr.surgery import Replacements, find_batchnorm, merge_scaled_convs, replace_batchnorm
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "channel_noise",
     "find_batchnorm",
     "functional",
+    "merge_scaled_convs",
     "nn",
     "noise",
     "replace_batchnorm",

@@ -104,7 +104,7 @@ def gain_parameters(module: nn.Module) -> Optional[tuple[Tensor, Optional[Tensor
     if isinstance(module, ChannelAffine):
         return module.weight, module.bias
     if isinstance(module, AutomaticGainControl):
-        return module.gain, module.bias
+        return (module.gain, module.bias) if module.gain is not None else None  # gain folded into the conv
     scale = getattr(module, "scale", None)  # folded layers: a conv computing scale[o] * conv(x)[o] + bias[o]
     if isinstance(module, nn.modules.conv._ConvNd) and isinstance(scale, nn.Parameter) and scale.dim() == 1:
         return scale, module.bias
@@ -479,11 +479,20 @@ def calibrate(
             if report.input_rms is None:
                 report.input_rms = _rms(args[0])
             target = residual_scale if site.residual else 1.0
+            own_gain = gain_parameters(module) if site.kind == "weight" else None  # a folded conv's scale
             with torch.no_grad():
-                y = module.forward(*args) if target > 0 else None  # no hooks
                 if site.kind == "gain":
+                    y = module.forward(*args) if target > 0 else None  # forward(): no hooks
                     why = _calibrate_gain(module, y, target, reduce) if y is not None else _zero_gain(module)
+                elif own_gain is not None:
+                    # normalise the direction, then start the folded scale (and bias) at the branch's target
+                    why = _calibrate_weight(module, module.forward(*args), 1.0, reduce)
+                    if why is None and target != 1.0:
+                        for param in own_gain:
+                            if param is not None:
+                                param.mul_(target)
                 else:
+                    y = module.forward(*args) if target > 0 else None
                     why = _calibrate_weight(module, y, target, reduce) if y is not None else _zero_filters(module)
             if isinstance(why, _Skip):
                 report.skipped[site.name] = str(why)

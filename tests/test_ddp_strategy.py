@@ -411,12 +411,19 @@ def test_buffers_synced_once_on_the_torch_before_2_13_path(tmp_path):
 
 @pytest.mark.ddp
 def test_batchnorm_replaced_by_the_callback_trains(tmp_path):
-    rank0, rank1 = _records(tmp_path, _run(tmp_path, "--batchnorm", "--msr-batchnorm", "replace", "--noise"))
+    """batchnorm='replace' folds BatchNorm's scale into the conv: both ranks stay identical, the direction on norm 1."""
+    args = ("--batchnorm", "--msr-batchnorm", "replace", "--noise", "--keep-magnitude")
+    rank0, rank1 = _records(tmp_path, _run(tmp_path, *args))
     assert not any("running_mean" in key for key in rank0["start_state"])
-    assert "net.1.weight" in rank0["start_state"]  # BatchNorm's affine part is kept and trained
+    assert "net.0.scale" in rank0["start_state"]  # BatchNorm's affine part is kept and trained, in the conv
+    assert not any(key.startswith("net.1.") for key in rank0["start_state"])
     assert _identical(rank0["start_state"], rank1["start_state"])
     assert _identical(rank0["end_state"], rank1["end_state"])
-    assert not torch.equal(rank0["start_state"]["net.1.weight"], rank0["end_state"]["net.1.weight"])
+    for key in ("net.0.scale", "net.0.weight"):
+        assert not torch.equal(rank0["start_state"][key], rank0["end_state"][key]), f"{key} did not train"
+    direction = rank0["end_state"]["net.0.weight"]
+    assert float(mean_shift(direction)) < 1e-5
+    torch.testing.assert_close(direction.flatten(1).norm(dim=1), torch.ones(8), rtol=1e-5, atol=0)
 
 
 @pytest.mark.ddp

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import resnet18
 
 from lightning_msr import DeepControl, MeanShiftRejection, MSRConfigurationError, MSRWarning, replace_batchnorm
-from lightning_msr.nn import AutomaticGainControl
+from lightning_msr.nn import AutomaticGainControl, ScaledConv2d
 from lightning_msr.nn.affine import ChannelAffine
 
 
@@ -79,9 +79,23 @@ def test_fit_at_batch_size_one_with_deep_control(tmp_path):
     layers = [m for m in model.modules() if isinstance(m, AutomaticGainControl)]
     assert len(layers) == 20 and len(callback.replaced) == 20
     assert callback.replaced[0] == "net.bn1"
+    # fold_gain=True: every gain went into the conv before it, the gain control keeps beta and bias
+    assert all(m.gain is None for m in layers)
+    convs = [m for m in model.modules() if isinstance(m, ScaledConv2d)]
+    assert len(convs) == 20
     # the optimizer was built after the surgery: the new parameters were trained
     assert any(not torch.allclose(m.beta, torch.full_like(m.beta, 0.5)) for m in layers)
+    assert any(not torch.allclose(m.scale, torch.ones_like(m.scale)) for m in convs)
     assert_per_sample_and_mode_free(model)
+
+
+def test_fold_gain_false_keeps_the_gain_in_the_gain_control(tmp_path):
+    L.seed_everything(0)
+    model = ResNetModule()
+    trainer(tmp_path, limit_train_batches=2, callbacks=[DeepControl(fold_gain=False)]).fit(model, images())
+    layers = [m for m in model.modules() if isinstance(m, AutomaticGainControl)]
+    assert len(layers) == 20 and all(m.gain is not None for m in layers)
+    assert not any(isinstance(m, ScaledConv2d) for m in model.modules())
 
 
 def test_fit_at_batch_size_one_with_mean_shift_rejection_replace(tmp_path):
@@ -91,10 +105,22 @@ def test_fit_at_batch_size_one_with_mean_shift_rejection_replace(tmp_path):
         model, images()
     )
     assert batchnorms(model) == []
-    layers = [m for m in model.modules() if isinstance(m, ChannelAffine)]
-    assert len(layers) == 20
-    assert any(not torch.allclose(m.weight, torch.ones_like(m.weight)) for m in layers)
+    assert not any(isinstance(m, ChannelAffine) for m in model.modules())  # every BatchNorm folded
+    convs = [m for m in model.modules() if isinstance(m, ScaledConv2d)]
+    assert len(convs) == 20
+    assert any(not torch.allclose(m.scale, torch.ones_like(m.scale)) for m in convs)
     assert_per_sample_and_mode_free(model)
+
+
+def test_fit_with_mean_shift_rejection_affine_keeps_separate_layers(tmp_path):
+    L.seed_everything(0)
+    model = ResNetModule()
+    trainer(tmp_path, limit_train_batches=2, callbacks=[MeanShiftRejection(batchnorm="affine")]).fit(
+        model, images()
+    )
+    layers = [m for m in model.modules() if isinstance(m, ChannelAffine)]
+    assert len(layers) == 20 and not any(isinstance(m, ScaledConv2d) for m in model.modules())
+    assert any(not torch.allclose(m.weight, torch.ones_like(m.weight)) for m in layers)
 
 
 def test_batchnorm_model_fails_at_batch_size_one_without_surgery(tmp_path):
@@ -133,7 +159,7 @@ def test_second_fit_does_not_repeat_the_surgery(tmp_path):
 class SelfConverting(ResNetModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "DeepControl" in checkpoint.get("callbacks", {}):
-            replace_batchnorm(self, "agc")
+            replace_batchnorm(self, "agc_fold")
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -219,6 +245,7 @@ def test_state_dict_mismatch_warns():
         ({"beta_init": float("nan")}, r"Expected `beta_init` to be in \[0, 1\], but got nan."),
         ({"beta_init": "1"}, r"Expected `beta_init` to be a number in \[0, 1\], but got .1. of type str"),
         ({"exclude": [3]}, "Expected `exclude` to be a list of module-name patterns"),
+        ({"fold_gain": "yes"}, "Expected `fold_gain` to be True or False, but got 'yes'"),
     ],
 )
 def test_argument_validation(kwargs, match):
@@ -227,8 +254,11 @@ def test_argument_validation(kwargs, match):
 
 
 def test_repr():
-    assert repr(DeepControl()) == "DeepControl(beta_init=1.0, exclude=None)"
-    assert repr(DeepControl(beta_init=0, exclude="head.*")) == "DeepControl(beta_init=0.0, exclude=['head.*'])"
+    assert repr(DeepControl()) == "DeepControl(beta_init=1.0, exclude=None, fold_gain=True)"
+    assert (
+        repr(DeepControl(beta_init=0, exclude="head.*", fold_gain=False))
+        == "DeepControl(beta_init=0.0, exclude=['head.*'], fold_gain=False)"
+    )
 
 
 def test_from_lightning_cli(tmp_path, monkeypatch):
@@ -240,6 +270,7 @@ def test_from_lightning_cli(tmp_path, monkeypatch):
             "--trainer.callbacks+=lightning_msr.DeepControl",
             "--trainer.callbacks.beta_init=0.25",
             "--trainer.callbacks.exclude=[net.fc]",
+            "--trainer.callbacks.fold_gain=false",
             "--trainer.accelerator=cpu",
             "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}",
@@ -247,7 +278,7 @@ def test_from_lightning_cli(tmp_path, monkeypatch):
         save_config_kwargs={"overwrite": True},
     )
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, DeepControl)]
-    assert [repr(c) for c in callbacks] == ["DeepControl(beta_init=0.25, exclude=['net.fc'])"]
+    assert [repr(c) for c in callbacks] == ["DeepControl(beta_init=0.25, exclude=['net.fc'], fold_gain=False)"]
 
 
 def test_warns_that_spawned_workers_do_not_convert_the_main_process_model(tmp_path):

@@ -78,7 +78,7 @@ def test_small_cnn_variants():
         SmallCNN(norm="layernorm")
 
 
-@pytest.mark.parametrize(("callback", "recorded"), [("DeepControl", "agc"), ("MeanShiftRejection", "affine")])
+@pytest.mark.parametrize(("callback", "recorded"), [("DeepControl", "agc_fold"), ("MeanShiftRejection", "fold")])
 def test_checkpoint_after_batchnorm_surgery_reloads(tmp_path, callback, recorded):
     """A callback swaps BatchNorm during fit; the checkpoint records it and load_from_checkpoint rebuilds it."""
     import lightning as L

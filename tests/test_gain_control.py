@@ -291,3 +291,69 @@ def test_channel_affine_from_batchnorm():
     plain = ChannelAffine.from_batchnorm(nn.BatchNorm1d(5, affine=False, track_running_stats=False))
     torch.testing.assert_close(plain.weight.detach(), torch.ones(5))
     assert plain.weight.requires_grad and plain.bias.requires_grad
+
+
+# --------------------------------------------------------------------------- the lean backward
+def _saved(fn):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_agc_without_gain_saves_only_the_map_means():
+    layer = AutomaticGainControl(8, beta_init=0.7, gain=False)
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    out, saved = _saved(lambda: layer(x))
+    params = {p.data_ptr() for p in layer.parameters()}
+    activations = [t for t in saved if t.data_ptr() not in params]
+    assert activations and all(t.shape == (4, 8, 1, 1) for t in activations)  # nothing activation-sized
+    torch.relu_(out).sum().backward()  # so the next in-place ReLU is safe
+    assert x.grad is not None and layer.beta.grad is not None and layer.bias.grad is not None
+
+
+def test_agc_with_gain_saves_its_input_for_the_gain_gradient_only():
+    layer = AutomaticGainControl(8)
+    x = torch.randn(4, 8, 6, 6)
+    _, saved = _saved(lambda: layer(x))
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)  # dL/dgain = sum(grad * (x - beta * mean))
+    layer.gain.requires_grad_(False)
+    _, saved = _saved(lambda: layer(x))
+    assert not any(t.shape == x.shape for t in saved)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 7), (2, 4, 3, 5), (2, 4, 2, 3, 2)], ids=["1d", "2d", "3d"])
+def test_agc_function_gradcheck_float64(shape):
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    gain, beta, bias = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(automatic_gain_control, (x, gain, beta, bias))
+    assert torch.autograd.gradcheck(automatic_gain_control, (x, None, beta, bias))
+    assert torch.autograd.gradgradcheck(lambda x, beta: automatic_gain_control(x, None, beta, bias), (x, beta))
+
+
+def test_agc_without_gain_after_a_scaled_conv_equals_agc_with_gain():
+    from lightning_msr.nn import ScaledConv2d
+
+    torch.manual_seed(0)
+    conv = ScaledConv2d(3, 4, 3, bias=False)
+    folded = AutomaticGainControl(4, beta_init=0.6, gain=False)
+    unfolded = AutomaticGainControl(4, beta_init=0.6)
+    with torch.no_grad():
+        conv.scale.uniform_(0.5, 2.0)
+        unfolded.gain.copy_(conv.scale)
+        folded.bias.normal_()
+        unfolded.bias.copy_(folded.bias)
+    x = torch.randn(2, 3, 8, 8)
+    plain = nn.functional.conv2d(x, conv.weight)
+    torch.testing.assert_close(folded(conv(x)), unfolded(plain), rtol=1e-5, atol=1e-6)
+    assert repr(folded) == "AutomaticGainControl(4, beta_init=0.6, gain_init=1.0, bias=True, gain=False)"
+
+
+def test_agc_low_precision_autocast_gradients_keep_parameter_dtypes():
+    layer = AutomaticGainControl(4, beta_init=0.5)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    assert layer.gain.grad.dtype == layer.beta.grad.dtype == layer.bias.grad.dtype == torch.float32

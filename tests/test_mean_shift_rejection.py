@@ -408,7 +408,10 @@ def test_sharded_strategies_are_refused():
         ({"init": "kaiming"}, r"Expected `init` to be one of 'zero_mean', 'center', 'none', but got 'kaiming'"),
         ({"init_magnitude": 0}, r"Expected `init_magnitude` to be a finite positive number, but got 0.0"),
         ({"include_linear": 1}, r"Expected `include_linear` to be True or False, but got 1"),
-        ({"batchnorm": "sync"}, r"Expected `batchnorm` to be one of 'error', 'warn', 'replace', but got 'sync'"),
+        (
+            {"batchnorm": "sync"},
+            r"Expected `batchnorm` to be one of 'error', 'warn', 'replace', 'affine', but got 'sync'",
+        ),
         ({"mode": "channel"}, r"Expected `mode` to be one of 'kernel', 'filter', but got 'channel'"),
         ({"recenter": "yes"}, r"Expected `recenter` to be True, False or None, but got 'yes'"),
         ({"projection_timing": "late"}, r"Expected `projection_timing` to be one of 'auto', 'backward'"),

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchvision.models import mobilenet_v3_small, resnet18
+from torchvision.models import mobilenet_v2, mobilenet_v3_small, resnet18
 
-from lightning_msr import MSRConfigurationError, MSRWarning, replace_batchnorm
-from lightning_msr.nn import AutomaticGainControl
+from lightning_msr import MSRConfigurationError, MSRWarning, merge_scaled_convs, replace_batchnorm
+from lightning_msr.nn import AutomaticGainControl, ScaledConv1d, ScaledConv2d
 from lightning_msr.nn.affine import ChannelAffine
-from lightning_msr.surgery import Replacements, find_batchnorm
+from lightning_msr.surgery import Replacements, find_batchnorm, find_foldable_pairs
 
 NEW_TYPE = {"affine": ChannelAffine, "agc": AutomaticGainControl, "identity": nn.Identity}
 
@@ -78,7 +78,8 @@ def test_fresh_resnet18_affine_starts_as_before():
     torch.testing.assert_close(model(x), before, rtol=1e-3, atol=1e-3)
 
 
-def test_fold_running_stats_reproduces_trained_batchnorm():
+@pytest.mark.parametrize("replacement", ["affine", "fold"])
+def test_fold_running_stats_reproduces_trained_batchnorm(replacement):
     torch.manual_seed(0)
     model = resnet18(weights=None, num_classes=10)
     randomise_batchnorm_(model)
@@ -89,9 +90,9 @@ def test_fold_running_stats_reproduces_trained_batchnorm():
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     before = model(x)
-    replace_batchnorm(model, "affine", fold_running_stats=True)
+    replace_batchnorm(model, replacement, fold_running_stats=True)
     torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
-    with pytest.raises(MSRConfigurationError, match="only with replacement='affine', but got 'agc'"):
+    with pytest.raises(MSRConfigurationError, match="only with replacement='affine' or 'fold', but got 'agc'"):
         replace_batchnorm(nn.Sequential(nn.BatchNorm2d(2)), "agc", fold_running_stats=True)
 
 
@@ -253,7 +254,10 @@ def test_batchnorm_subclasses():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"replacement": "instance"}, "Expected `replacement` to be one of 'affine', 'agc', 'identity'"),
+        (
+            {"replacement": "instance"},
+            "Expected `replacement` to be one of 'fold', 'affine', 'agc_fold', 'agc', 'identity'",
+        ),
         ({"beta_init": float("inf")}, r"Expected `beta_init` to be in \[0, 1\], but got inf."),
         ({"fold_running_stats": 1}, "Expected `fold_running_stats` to be True or False, but got 1."),
         ({"exclude": [""]}, "Expected `exclude` to be a list of module-name patterns"),
@@ -302,3 +306,184 @@ def test_exclude_pattern_matching_nothing_is_refused():
 def test_beta_init_outside_0_1_is_refused(beta_init):
     with pytest.raises(MSRConfigurationError, match=rf"Expected `beta_init` to be in \[0, 1\], but got {beta_init}"):
         replace_batchnorm(Nested(), "agc", beta_init=beta_init)
+
+
+# --------------------------------------------------------------------------- folding into the conv
+@pytest.mark.parametrize(("folded", "unfolded"), [("fold", "affine"), ("agc_fold", "agc")])
+@pytest.mark.parametrize("build", [resnet18, mobilenet_v2], ids=["resnet18", "mobilenet_v2"])
+def test_fold_computes_what_the_unfolded_replacement_computes(build, folded, unfolded):
+    torch.manual_seed(0)
+    model = build(weights=None, num_classes=10)
+    randomise_batchnorm_(model)
+    reference = copy.deepcopy(model)
+    count = len(batchnorms(model))
+    result = replace_batchnorm(model, folded)
+    replace_batchnorm(reference, unfolded)
+    assert len(result.folded) == count  # every BatchNorm of these models directly follows a plain conv
+    assert batchnorms(model) == []
+    for bn_name, conv_name in result.folded.items():
+        conv = model.get_submodule(conv_name)
+        assert type(conv) is ScaledConv2d
+        if folded == "fold":
+            assert type(model.get_submodule(bn_name)) is nn.Identity
+            torch.testing.assert_close(conv.scale, reference.get_submodule(bn_name).weight)
+            torch.testing.assert_close(conv.bias, reference.get_submodule(bn_name).bias)
+        else:
+            agc = model.get_submodule(bn_name)
+            assert type(agc) is AutomaticGainControl and agc.gain is None
+            torch.testing.assert_close(conv.scale, reference.get_submodule(bn_name).gain)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
+    # the same parameter count: BatchNorm's (weight, bias) became the conv's (scale, bias)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_fold_keeps_the_conv_module_its_weight_and_hooks():
+    conv = nn.Conv2d(3, 4, 3, bias=True)
+    net = nn.Sequential(conv, nn.BatchNorm2d(4), nn.ReLU())
+    randomise_batchnorm_(net)
+    weight, bias = conv.weight, conv.bias
+    reference = copy.deepcopy(net)
+    replace_batchnorm(reference, "affine")
+    seen = []
+    handle = conv.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(2, 3, 8, 8)
+    result = replace_batchnorm(net, "fold")
+    assert result.folded == {"1": "0"} and net[0] is conv and type(conv) is ScaledConv2d
+    assert conv.weight is weight and conv.bias is bias  # the conv's own bias c became scale * c + shift
+    torch.testing.assert_close(net(x), reference(x))
+    assert len(seen) == 1  # the hook moved with the module: it sees the scaled and shifted output
+    handle.remove()
+    net(x)
+    assert len(seen) == 1
+
+
+def test_fold_only_when_the_conv_output_feeds_nothing_but_the_batchnorm(caplog):
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.bn3 = nn.BatchNorm2d(4)  # after a ReLU, not after a conv
+            self.conv4, self.bn4 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv2(torch.relu(self.bn1(self.conv1(x))))
+            z = self.bn2(y) + y  # conv2's output feeds the sum too
+            z = self.bn3(torch.relu(z))
+            return self.bn4(self.conv4(z)) + self.conv4(z)  # conv4 is called twice
+
+    model = Residual()
+    randomise_batchnorm_(model)
+    reference = copy.deepcopy(model)
+    replace_batchnorm(reference, "affine")
+    assert find_foldable_pairs(model) == {"bn1": "conv1"}
+    with caplog.at_level(logging.INFO):
+        result = replace_batchnorm(model, "fold")
+    assert result.folded == {"bn1": "conv1"}
+    assert [type(model.get_submodule(n)) for n in ("bn2", "bn3", "bn4")] == [ChannelAffine] * 3
+    messages = [r.getMessage() for r in caplog.records if "'fold'" in r.getMessage()]
+    assert len(messages) == 1 and "3 ('bn2', 'bn3', 'bn4') got a separate ChannelAffine" in messages[0]
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(model(x), reference(x))
+
+
+def test_fold_skips_convs_that_are_shared_read_directly_or_not_plain():
+    class StdConv(nn.Conv2d):  # a subclass may compute its weight differently
+        pass
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Conv2d(4, 4, 1)
+            self.a, self.bn_a = self.shared, nn.BatchNorm2d(4)  # one conv under two names
+            self.b, self.bn_b = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+            self.c, self.bn_c = StdConv(4, 4, 1), nn.BatchNorm2d(4)
+            self.d, self.bn_d = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.bn_a(self.a(x))
+            x = self.bn_b(self.b(x)) + self.b.weight.sum()  # the graph reads b's weight directly
+            x = self.bn_c(self.c(x))
+            return self.bn_d(self.d(x))
+
+    assert find_foldable_pairs(Odd()) == {"bn_d": "d"}
+    assert find_foldable_pairs(Odd(), exclude=["bn_d"]) == {}
+
+
+def test_fold_finds_pairs_inside_submodules_of_a_model_that_does_not_trace():
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+            self.gate = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.stem(x)
+            if x.mean() > 0:  # control flow on a tensor value: torch.fx cannot trace this
+                x = self.gate(x)
+            return x
+
+    model = Untraceable()
+    assert find_foldable_pairs(model) == {"stem.1": "stem.0"}
+    result = replace_batchnorm(model, "fold")
+    assert result.folded == {"stem.1": "stem.0"} and type(model.gate) is ChannelAffine
+
+
+def test_fold_nested_modules_and_1d_convs():
+    model = Nested()
+    result = replace_batchnorm(model, "fold")
+    assert result.folded == {"stem.1": "stem.0", "block.branches.a.1": "block.branches.a.0"}
+    assert type(model.stem[0]) is ScaledConv2d and type(model.block.branches["a"][0]) is ScaledConv1d
+    assert type(model.head[2]) is ChannelAffine and model.block.norm is model.again
+    assert replace_batchnorm(model, "fold") == {}  # harmless to apply twice
+
+
+def test_fold_keeps_device_dtype_mode_and_requires_grad():
+    conv = nn.Conv2d(2, 3, 3, bias=False).double()
+    bn = nn.BatchNorm2d(3).double().eval()
+    bn.bias.requires_grad_(False)
+    net = nn.Sequential(conv, bn)
+    replace_batchnorm(net, "fold")
+    assert conv.scale.dtype == conv.bias.dtype == torch.float64 and conv.scale.requires_grad
+    assert not conv.bias.requires_grad and not net[1].training
+
+
+def test_merge_scaled_convs_gives_plain_convs_with_the_same_outputs():
+    torch.manual_seed(0)
+    model = mobilenet_v2(weights=None, num_classes=10)
+    randomise_batchnorm_(model)
+    replace_batchnorm(model, "fold")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ScaledConv2d):
+                module.scale.uniform_(0.5, 2.0)  # as if trained
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x)
+    merged = merge_scaled_convs(model)
+    assert len(merged) == 52 and not any(isinstance(m, ScaledConv2d) for m in model.modules())
+    assert not any(name.endswith(".scale") for name, _ in model.named_parameters())
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-5)
+    assert merge_scaled_convs(model) == []
+    with pytest.raises(MSRConfigurationError, match=r"Expected `module` to be a torch\.nn\.Module, but got list"):
+        merge_scaled_convs([])
+
+
+@pytest.mark.parametrize("replacement", ["fold", "agc_fold"])
+def test_checkpoint_of_a_folded_model_loads_after_the_same_surgery(replacement):
+    torch.manual_seed(0)
+    trained = resnet18(weights=None, num_classes=10)
+    replace_batchnorm(trained, replacement)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # as if trained
+    state = copy.deepcopy(trained.state_dict())
+    fresh = resnet18(weights=None, num_classes=10)
+    replace_batchnorm(fresh, replacement)
+    fresh.load_state_dict(state)  # strict: the same keys and shapes
+    trained.eval(), fresh.eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(fresh(x), trained(x))

@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_msr import MeanShiftRejection, MSRWarning, NoiseInjection
 from lightning_msr.functional import eligible_weights, mean_shift
+from lightning_msr.nn import ScaledConv2d
 
 
 def worst_mean_shift(model: nn.Module) -> float:
@@ -341,3 +342,86 @@ def test_non_finite_gradients_do_not_crash_and_a_skipped_step_leaves_weights(tmp
         for name, value in snapshots[1].items():
             assert torch.equal(snapshots[2][name], value), name
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- BatchNorm folded into the conv
+def folded_callbacks(**kwargs: Any) -> list:
+    return [MeanShiftRejection(batchnorm="replace", **kwargs)]
+
+
+def assert_folded(model: nn.Module) -> None:
+    conv = model.features[0]
+    assert type(conv) is ScaledConv2d and type(model.features[1]) is nn.Identity
+    assert "features.0.scale" not in {w.name for w in eligible_weights(model)}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_nesterov_wd", "adamw"])
+def test_folded_model_stays_on_the_isocline_and_the_scale_trains_freely(tmp_path, optimizer):
+    L.seed_everything(0)
+    model = ConvNet(optimizer, batchnorm=True)
+    trainer(tmp_path, max_epochs=2, callbacks=folded_callbacks(keep_magnitude=True)).fit(model, loader())
+    assert_folded(model)
+    conv = model.features[0]
+    assert worst_mean_shift(model) < 1e-5
+    # keep_magnitude acts on the direction: every filter of the folded conv is still at its init norm
+    torch.testing.assert_close(conv.weight.flatten(1).norm(dim=1), torch.ones(8), rtol=1e-5, atol=1e-5)
+    # the scale is its own parameter: trained, and neither centred nor renormalised
+    assert not torch.allclose(conv.scale, torch.ones(8))
+    assert abs(float(conv.scale.mean())) > 0.5
+
+
+def test_folded_resume_is_bit_identical(tmp_path):
+    L.seed_everything(0)
+    straight = ConvNet("adam", batchnorm=True)
+    trainer(tmp_path, max_epochs=2, deterministic=True, callbacks=folded_callbacks()).fit(straight, loader(32, 4))
+
+    L.seed_everything(0)
+    first = ConvNet("adam", batchnorm=True)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(
+        tmp_path, max_epochs=1, deterministic=True, enable_checkpointing=True, callbacks=[*folded_callbacks(), ckpt]
+    ).fit(first, loader(32, 4))
+    L.seed_everything(0)
+    resumed = ConvNet("adam", batchnorm=True)  # a fresh BatchNorm model: the callback folds it before the restore
+    trainer(tmp_path, max_epochs=2, deterministic=True, callbacks=folded_callbacks()).fit(
+        resumed, loader(32, 4), ckpt_path=ckpt.last_model_path
+    )
+    assert_folded(resumed)
+    assert straight.state_dict().keys() == resumed.state_dict().keys()
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_folded_bf16_mixed_keeps_the_isocline(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet("sgd_momentum", batchnorm=True)
+    before = model.features[1].weight.detach().clone()
+    trainer(tmp_path, max_epochs=2, precision="bf16-mixed", callbacks=folded_callbacks()).fit(model, loader())
+    assert_folded(model)
+    assert model.features[0].scale.dtype == torch.float32 and not torch.equal(model.features[0].scale, before)
+    assert worst_mean_shift(model) < 1e-5
+
+
+def test_folded_accumulation_equals_one_big_batch_for_sgd(tmp_path):
+    finals = []
+    for accumulate, batch in ((4, 2), (1, 8)):
+        L.seed_everything(0)
+        model = ConvNet("sgd", batchnorm=True)
+        trainer(tmp_path, max_epochs=2, accumulate_grad_batches=accumulate, callbacks=folded_callbacks()).fit(
+            model, loader(32, batch)
+        )
+        assert_folded(model)
+        finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name in finals[0]:
+        torch.testing.assert_close(finals[0][name], finals[1][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_folded_torch_compile_keeps_projection(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet("adam", batchnorm=True)
+    compiled = torch.compile(model, backend="aot_eager")
+    trainer(tmp_path, max_epochs=2, callbacks=folded_callbacks()).fit(compiled, loader())
+    assert_folded(model)
+    assert not torch.allclose(model.features[0].scale, torch.ones(8))
+    assert worst_mean_shift(model) < 1e-5

@@ -24,7 +24,7 @@ import torchvision
 from torch import Tensor, nn
 
 from examples.classifier import ImageClassifier
-from examples.norms import NORMS, Norm, make_norm
+from examples.norms import NORMS, Norm, fold_norms_, make_norm
 
 __all__ = ["CIFARResNet", "cifar_resnet"]
 
@@ -58,7 +58,7 @@ def cifar_resnet(arch: Arch = "resnet18", num_classes: int = 10, norm: Norm = "b
     )
     net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
-    return net
+    return fold_norms_(net, norm)
 
 
 class CIFARResNet(ImageClassifier):
@@ -71,7 +71,7 @@ class CIFARResNet(ImageClassifier):
         num_classes: number of classes.
         norm: normalisation layers of the network (see :func:`cifar_resnet`). Checkpoints record the layers
             the network has when saved (:func:`examples.norms.record_norm`): after
-            ``MeanShiftRejection(batchnorm="replace")`` a checkpoint reloads with ``norm="affine"``.
+            ``MeanShiftRejection(batchnorm="replace")`` a checkpoint reloads with ``norm="fold"``.
         lr: peak learning rate.
         momentum: SGD momentum.
         nesterov: Nesterov momentum.

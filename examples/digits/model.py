@@ -24,7 +24,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from examples.classifier import SCHEDULES, ImageClassifier, Schedule
-from examples.norms import NORMS, Norm, make_norm
+from examples.norms import NORMS, Norm, fold_norms_, make_norm
 
 __all__ = ["NORMS", "SCHEDULES", "SmallCNN"]
 
@@ -110,6 +110,7 @@ class SmallCNN(ImageClassifier):
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
+        fold_norms_(self.features, norm)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * width, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 Ruff, "Deep Control -- an automatic gain control for deep neural networks" (arXiv:1706.03907). The
 callback only decides *when*: the surgery itself is :func:`lightning_msr.replace_batchnorm` with
-``replacement="agc"``, and the layer is :class:`lightning_msr.nn.AutomaticGainControl`.
+``replacement="agc_fold"`` (or ``"agc"``), and the layer is :class:`lightning_msr.nn.AutomaticGainControl`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_msr._checks import UnitInterval, _check_beta_init, _check_names
+from lightning_msr._checks import UnitInterval, _check_beta_init, _check_bool, _check_names
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.nn.gain_control import AutomaticGainControl
 from lightning_msr.surgery import Replacements, find_batchnorm, replace_batchnorm
@@ -44,12 +44,20 @@ class DeepControl(Callback):
     therefore seen by the optimizer and broadcast by DDP like any other, and a checkpoint saved after the
     surgery loads back into a fresh LightningModule when this callback is present again.
 
+    With ``fold_gain=True`` (the default) the gain of every gain control that directly follows a plain conv
+    moves into that conv, which becomes a :class:`~lightning_msr.nn.ScaledConv2d` with ``scale`` = the gain,
+    and the gain control keeps ``beta`` and ``bias`` (``replace_batchnorm(..., "agc_fold")``): the same
+    function, ``scale * (conv(x) - beta * mean_spatial(conv(x))) + bias``, but the gain control then saves
+    only its map means for backward instead of the whole conv output. ``fold_gain=False`` keeps the gain in
+    the gain control (``"agc"``), e.g. to resume a checkpoint saved that way.
+
     Afterwards the model uses no minibatch statistics: any batch size works (1 included), each sample's
     output is independent of the rest of its batch, and training and evaluation compute the same function.
 
     Nothing happens on ``validate``/``test``/``predict``, and the surgery is done once per model (a second
     ``fit`` finds no BatchNorm left). To evaluate a checkpoint in a new process without ``fit``, apply
-    ``replace_batchnorm(model, "agc")`` to the freshly built model before loading the state dict. Layers
+    ``replace_batchnorm(model, "agc_fold")`` (``"agc"`` with ``fold_gain=False``) to the freshly built model
+    before loading the state dict. Layers
     created after this callback's ``setup`` (in ``LightningModule.setup`` or ``configure_model``) are
     reported with a warning at fit start; they keep their BatchNorm.
 
@@ -66,12 +74,13 @@ class DeepControl(Callback):
             removes it all, 0 starts as a plain per-channel affine layer). ``beta`` is learnt freely afterwards.
         exclude: module-name patterns (``fnmatch`` syntax, e.g. ``"head.*"``) of BatchNorm layers to keep.
             Every pattern must match a module of the model.
+        fold_gain: fold each gain into the conv that feeds its gain control, where there is one.
 
     Raises:
-        MSRConfigurationError: if ``beta_init`` is not in ``[0, 1]`` or ``exclude`` is not a list of
-            patterns; in ``setup``, for an ``exclude`` pattern that matches no module and for the models
-            :func:`~lightning_msr.replace_batchnorm` refuses; at the first forward pass of a replaced layer
-            that gets ``(N, C)`` features.
+        MSRConfigurationError: if ``beta_init`` is not in ``[0, 1]``, ``fold_gain`` not a bool, or ``exclude``
+            is not a list of patterns; in ``setup``, for an ``exclude`` pattern that matches no module and for
+            the models :func:`~lightning_msr.replace_batchnorm` refuses; at the first forward pass of a replaced
+            layer that gets ``(N, C)`` features.
 
     Example::
 
@@ -79,7 +88,7 @@ class DeepControl(Callback):
         >>> from lightning_msr import DeepControl
         >>> callback = DeepControl(beta_init=0.9)
         >>> callback
-        DeepControl(beta_init=0.9, exclude=None)
+        DeepControl(beta_init=0.9, exclude=None, fold_gain=True)
         >>> trainer = L.Trainer(callbacks=[callback], logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)
 
@@ -88,9 +97,13 @@ class DeepControl(Callback):
         python train.py fit --trainer.callbacks+=lightning_msr.DeepControl --trainer.callbacks.beta_init=0.9
     """
 
-    def __init__(self, beta_init: UnitInterval = 1.0, exclude: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self, beta_init: UnitInterval = 1.0, exclude: Optional[Sequence[str]] = None, fold_gain: bool = True
+    ) -> None:
         self._beta_init = _check_beta_init(beta_init)
         self._exclude = _check_names("exclude", exclude)
+        self._fold_gain = _check_bool("fold_gain", fold_gain)
+        self._replacement = "agc_fold" if self._fold_gain else "agc"
         self._replaced: list[str] = []
         self._input_checks: list[RemovableHandle] = []
         self._model_ref: Optional[weakref.ReferenceType] = None
@@ -102,7 +115,7 @@ class DeepControl(Callback):
 
     def __repr__(self) -> str:
         exclude = list(self._exclude) if self._exclude else None
-        return f"{type(self).__name__}(beta_init={self._beta_init}, exclude={exclude})"
+        return f"{type(self).__name__}(beta_init={self._beta_init}, exclude={exclude}, fold_gain={self._fold_gain})"
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -112,7 +125,9 @@ class DeepControl(Callback):
             return  # a second fit of the same model: the surgery is done
         self._model_ref = weakref.ref(pl_module)
         # replace_batchnorm refuses an `exclude` pattern that matches no module
-        replaced = replace_batchnorm(pl_module, "agc", beta_init=self._beta_init, exclude=self._exclude)
+        replaced = replace_batchnorm(
+            pl_module, self._replacement, beta_init=self._beta_init, exclude=self._exclude
+        )
         self._replaced = list(replaced)
         self._guard_feature_inputs(replaced)
         if replaced:
@@ -121,7 +136,8 @@ class DeepControl(Callback):
                     f"DeepControl replaced BatchNorm inside the worker processes of `{type(trainer.strategy).__name__}`"
                     " (spawn/fork launcher). The model object in the main process is not converted, and Lightning "
                     "loads the trained weights back into it non-strictly, dropping the new layers' parameters. Call "
-                    "`lightning_msr.replace_batchnorm(model, 'agc')` before `trainer.fit` (this callback then finds "
+                    f"`lightning_msr.replace_batchnorm(model, {self._replacement!r})` before `trainer.fit` (this "
+                    "callback then finds "
                     "nothing left to replace), or use `strategy='ddp'`.",
                     category=MSRWarning,
                 )
@@ -180,7 +196,8 @@ class DeepControl(Callback):
                 f"DeepControl: {len(late)} BatchNorm layer(s) appeared after the surgery ({shown}), e.g. built in "
                 "`LightningModule.setup` or `configure_model`, which run after callbacks' `setup`. They keep "
                 "using minibatch statistics; build them in `__init__`, or call "
-                "`lightning_msr.replace_batchnorm(self, 'agc')` at the end of your `configure_model`.",
+                f"`lightning_msr.replace_batchnorm(self, {self._replacement!r})` at the end of your "
+                "`configure_model`.",
                 category=MSRWarning,
             )
 

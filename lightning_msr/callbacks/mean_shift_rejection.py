@@ -53,7 +53,7 @@ from lightning_msr.surgery import _shown, find_batchnorm, replace_batchnorm
 
 _INITS = ("zero_mean", "center", "none")
 _TINY = torch.finfo(torch.float32).tiny
-_BATCHNORM = ("error", "warn", "replace")
+_BATCHNORM = ("error", "warn", "replace", "affine")
 _TIMINGS = ("auto", "backward", "optimizer_step")
 _MODES = ("kernel", "filter")
 # Optimizers whose update is linear in the gradient (given their buffers): a zero-mean gradient gives a
@@ -163,8 +163,13 @@ class MeanShiftRejection(Callback):
         init_magnitude: Euclidean norm of every output filter after ``init="zero_mean"`` (> 0). With
             ``calibrate=True`` the first batch rescales every filter, so this only matters without calibration.
         include_linear: also centre ``nn.Linear`` weights (over their inputs). Off by default, as in the paper.
-        batchnorm: what to do when the model contains BatchNorm: ``"warn"`` once, ``"error"``, or
-            ``"replace"`` it by a per-channel scale and bias (:func:`lightning_msr.replace_batchnorm`).
+        batchnorm: what to do when the model contains BatchNorm: ``"warn"`` once, ``"error"``, or replace it
+            by a per-channel scale and bias (:func:`lightning_msr.replace_batchnorm`): ``"replace"`` folds the
+            scale into the conv feeding the BatchNorm (``replacement="fold"``: the conv becomes a
+            :class:`~lightning_msr.nn.ScaledConv2d`, whose ``weight`` MSR keeps zero-mean and whose ``scale``
+            it leaves alone; it saves no activation for the scale), ``"affine"`` keeps it a separate
+            :class:`~lightning_msr.nn.affine.ChannelAffine` layer after the conv (the same function, more
+            activation memory).
         mode: ``"kernel"`` (the paper's per-kernel mean) or ``"filter"`` (mean over each whole output filter,
             i.e. Gradient Centralization).
         recenter: re-centre the kernels after each optimizer step. ``None`` (default) does it for optimizers
@@ -238,7 +243,7 @@ class MeanShiftRejection(Callback):
         init: Literal["zero_mean", "center", "none"] = "zero_mean",
         init_magnitude: PositiveFloat = 1.0,
         include_linear: bool = False,
-        batchnorm: Literal["error", "warn", "replace"] = "warn",
+        batchnorm: Literal["error", "warn", "replace", "affine"] = "warn",
         mode: Literal["kernel", "filter"] = "kernel",
         recenter: Optional[bool] = None,
         keep_magnitude: bool = False,
@@ -366,13 +371,14 @@ class MeanShiftRejection(Callback):
                 category=MSRWarning,
             )
             return
-        self._replaced = dict(replace_batchnorm(pl_module, "affine"))
+        kind = "fold" if self._batchnorm == "replace" else "affine"
+        self._replaced = dict(replace_batchnorm(pl_module, kind))
         if self._replaced and self._trainer_spawns:
             rank_zero_warn(
-                "MeanShiftRejection(batchnorm='replace') replaced BatchNorm inside the worker processes of a "
-                "spawn/fork strategy. The model object in the main process is not converted, and Lightning loads "
-                "the trained weights back into it non-strictly, dropping the new layers' parameters. Call "
-                "`lightning_msr.replace_batchnorm(model, 'affine')` before `trainer.fit`, or use `strategy='ddp'` "
+                f"MeanShiftRejection(batchnorm={self._batchnorm!r}) replaced BatchNorm inside the worker processes "
+                "of a spawn/fork strategy. The model object in the main process is not converted, and Lightning "
+                "loads the trained weights back into it non-strictly, dropping the new layers' parameters. Call "
+                f"`lightning_msr.replace_batchnorm(model, {kind!r})` before `trainer.fit`, or use `strategy='ddp'` "
                 "or 'ddp_msr'.",
                 category=MSRWarning,
             )

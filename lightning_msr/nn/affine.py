@@ -67,10 +67,10 @@ def _factory_of(batchnorm: nn.Module) -> dict:
     return {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
 
 
-def _copy_affine_(batchnorm: nn.Module, weight: Tensor, bias: Optional[Tensor]) -> None:
+def _copy_affine_(batchnorm: nn.Module, weight: Optional[Tensor], bias: Optional[Tensor]) -> None:
     """Start a replacement from BatchNorm's affine parameters (values and ``requires_grad``)."""
     with torch.no_grad():
-        if batchnorm.weight is not None:
+        if batchnorm.weight is not None and weight is not None:
             weight.copy_(batchnorm.weight)
             weight.requires_grad_(batchnorm.weight.requires_grad)
         if batchnorm.bias is not None and bias is not None:

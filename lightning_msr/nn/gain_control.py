@@ -30,7 +30,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -51,16 +51,77 @@ __all__ = ["AutomaticGainControl", "automatic_gain_control"]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _spatial_mean(x: Tensor) -> Tensor:
+    """The ``(N, C, 1, ...)`` mean of every map, accumulated in float32 for float16/bfloat16 inputs."""
+    accumulate = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True, dtype=accumulate)
+
+
+def _per_channel(value: Tensor, like: Tensor) -> Tensor:
+    """``value`` of shape ``(C,)`` as ``(1, C, 1, ...)`` in ``like``'s dtype, broadcastable against ``like``."""
+    return value.to(like.dtype).view(1, -1, *([1] * (like.dim() - 2)))
+
+
+class _GainControlFunction(torch.autograd.Function):
+    """``gain * x - gain * beta * mean + bias`` for a given ``(N, C, 1, ...)`` map mean, with a lean backward.
+
+    The layer is linear in ``x`` and in ``mean``: for the output gradient ``g``, ``dL/dx = gain * g``,
+    ``dL/dmean = -gain * beta * sum_spatial(g)``, ``dL/dbeta = -sum_n gain * mean * sum_spatial(g)`` and
+    ``dL/dbias = sum g``. Only ``dL/dgain = sum g * x - beta * sum_n mean * sum_spatial(g)`` needs ``x``, so
+    ``x`` is saved only when ``gain`` requires a gradient; without a gain (folded into the preceding conv)
+    autograd keeps the means and nothing activation-sized. The mean is taken outside, by autograd (its
+    backward saves nothing), so the function stays differentiable twice.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, mean: Tensor, gain: Optional[Tensor], beta: Tensor, bias: Optional[Tensor]
+    ) -> Tensor:
+        scale = beta if gain is None else gain * beta
+        shift = (mean * _per_channel(scale, mean)).to(x.dtype)
+        out = channel_affine(x, gain, bias)  # gain * x + bias, one fused pass
+        out = out - shift if out is x else out.sub_(shift)
+        needs_x = gain is not None and ctx.needs_input_grad[2]
+        ctx.save_for_backward(x if needs_x else None, mean, gain, beta)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, mean, gain, beta = ctx.saved_tensors
+        spatial = tuple(range(2, grad.dim()))
+        dims = (0, *spatial)
+        grad_sum = grad.sum(dim=spatial, keepdim=True, dtype=mean.dtype)  # (N, C, 1, ...)
+        grad_x = grad_mean = grad_gain = grad_beta = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = channel_affine(grad, gain, None)  # gain * grad
+        if ctx.needs_input_grad[1]:
+            scale = beta if gain is None else gain * beta
+            grad_mean = -grad_sum * _per_channel(scale, grad_sum)
+        mean_times_grad = (mean * grad_sum).sum(dim=dims)  # sum_n mean * sum_spatial(grad), shape (C,)
+        if ctx.needs_input_grad[3]:
+            grad_beta = -(mean_times_grad if gain is None else gain.to(mean.dtype) * mean_times_grad)
+            grad_beta = grad_beta.to(beta.dtype)
+        if x is not None and ctx.needs_input_grad[2]:
+            accumulate = mean.dtype
+            grad_gain = (grad.to(accumulate) * x.to(accumulate)).sum(dim=dims) - beta.to(accumulate) * mean_times_grad
+            grad_gain = grad_gain.to(gain.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+            grad_bias = grad_sum.sum(dim=dims).to(ctx.bias_dtype)
+        return grad_x, grad_mean, grad_gain, grad_beta, grad_bias
+
+
 def automatic_gain_control(
     x: Tensor, gain: Optional[Tensor], beta: Tensor, bias: Optional[Tensor] = None
 ) -> Tensor:
     """Deep Control's gain control, ``gain * (x - beta * mean_spatial(x)) + bias``, per sample and channel.
 
     The spatial mean of every ``(n, c)`` map is accumulated in float32 for float16/bfloat16 inputs. The
-    output has the input's dtype and memory format (``channels_last`` stays ``channels_last``). It is
-    computed as ``gain * x + bias`` (one fused pass, see :func:`~lightning_msr.nn.affine.channel_affine`)
-    minus the small ``(N, C, 1, ...)`` tensor ``gain * beta * mean``, so besides the input only the means
-    are kept for the backward pass.
+    output has the input's dtype and memory format (``channels_last`` stays ``channels_last``). The layer is
+    linear in ``x``, and its backward pass is written out (a ``torch.autograd.Function``) so that autograd
+    keeps only the ``(N, C, 1, ...)`` map means -- plus ``x`` itself when ``gain`` requires a gradient, which
+    ``dL/dgain = sum(grad * (x - beta * mean))`` needs. Fold the gain into the preceding conv
+    (``replace_batchnorm(..., "agc_fold")``, ``gain=None`` here) and nothing activation-sized is saved.
 
     Args:
         x: input of shape ``(N, C, *spatial)`` with at least one spatial dim.
@@ -90,15 +151,7 @@ def automatic_gain_control(
             raise MSRConfigurationError(
                 f"Expected `{name}` to have {beta.numel()} elements like `beta`, but got {tensor.numel()}."
             )
-    spatial = tuple(range(2, x.dim()))
-    accumulate = torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
-    mean = x.mean(dim=spatial, keepdim=True, dtype=accumulate)  # (N, C, 1, ...)
-    scale = beta if gain is None else gain * beta
-    shift = (mean * scale.to(accumulate).view(-1, *([1] * len(spatial)))).to(x.dtype)
-    out = channel_affine(x, gain, bias)  # gain * x + bias, one fused pass
-    # channel_affine returns a fresh tensor unless it is the identity; subtracting the small per-map shift in
-    # place is safe for autograd (the affine's backward needs its input, not its output) and saves a copy.
-    return out - shift if out is x else out.sub_(shift)
+    return _GainControlFunction.apply(x, _spatial_mean(x), gain, beta, bias)
 
 
 class AutomaticGainControl(nn.Module):
@@ -121,6 +174,9 @@ class AutomaticGainControl(nn.Module):
         bias: learn a per-channel bias (initialised to 0).
         device: device of the parameters.
         dtype: dtype of the parameters.
+        gain: learn a per-channel gain. ``False`` leaves it out (``gain = 1``, ``gain_init`` unused): for a
+            gain folded into the preceding conv (``replace_batchnorm(..., "agc_fold")``), where the layer then
+            saves nothing activation-sized for backward.
 
     Raises:
         MSRConfigurationError: if ``num_features`` is not a positive integer, ``beta_init`` is not in
@@ -149,14 +205,19 @@ class AutomaticGainControl(nn.Module):
         bias: bool = True,
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
+        gain: bool = True,
     ) -> None:
         super().__init__()
         self.num_features = _check_num_features(num_features)
         self.beta_init = _check_beta_init(beta_init)
         self.gain_init = _check_finite("gain_init", gain_init)
         _check_bool("bias", bias)
+        _check_bool("gain", gain)
         factory = {"device": device, "dtype": dtype}
-        self.gain = nn.Parameter(torch.empty(num_features, **factory))
+        if gain:
+            self.gain = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("gain", None)
         self.beta = nn.Parameter(torch.empty(num_features, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(num_features, **factory))
@@ -166,9 +227,10 @@ class AutomaticGainControl(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Set ``gain`` to ``gain_init``, ``beta`` to ``beta_init`` and ``bias`` to 0."""
+        """Set ``gain`` (if any) to ``gain_init``, ``beta`` to ``beta_init`` and ``bias`` to 0."""
         with torch.no_grad():
-            self.gain.fill_(self.gain_init)
+            if self.gain is not None:
+                self.gain.fill_(self.gain_init)
             self.beta.fill_(self.beta_init)
             if self.bias is not None:
                 self.bias.zero_()
@@ -189,12 +251,12 @@ class AutomaticGainControl(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, beta_init={self.beta_init}, gain_init={self.gain_init}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}" + ("" if self.gain is not None else ", gain=False")
         )
 
     @classmethod
     def from_batchnorm(
-        cls, batchnorm: nn.modules.batchnorm._BatchNorm, beta_init: float = 1.0
+        cls, batchnorm: nn.modules.batchnorm._BatchNorm, beta_init: float = 1.0, gain: bool = True
     ) -> AutomaticGainControl:
         """Build the layer that replaces ``batchnorm``: ``gain``/``bias`` from its affine parameters.
 
@@ -205,6 +267,8 @@ class AutomaticGainControl(nn.Module):
         Args:
             batchnorm: the BatchNorm (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``) to replace.
             beta_init: initial value of every ``beta``.
+            gain: give the layer a ``gain``; ``False`` when BatchNorm's ``weight`` goes into the preceding
+                conv's scale instead (see :func:`~lightning_msr.replace_batchnorm`, ``"agc_fold"``).
 
         Returns:
             A new :class:`AutomaticGainControl`.
@@ -216,6 +280,8 @@ class AutomaticGainControl(nn.Module):
             >>> AutomaticGainControl.from_batchnorm(nn.BatchNorm2d(32), beta_init=0.9)
             AutomaticGainControl(32, beta_init=0.9, gain_init=1.0, bias=True)
         """
-        layer = cls(int(batchnorm.num_features), beta_init=beta_init, bias=True, **_factory_of(batchnorm))
+        layer = cls(
+            int(batchnorm.num_features), beta_init=beta_init, bias=True, gain=gain, **_factory_of(batchnorm)
+        )
         _copy_affine_(batchnorm, layer.gain, layer.bias)
         return layer.train(batchnorm.training)
