@@ -105,9 +105,11 @@ def gain_parameters(module: nn.Module) -> Optional[tuple[Tensor, Optional[Tensor
         return module.weight, module.bias
     if isinstance(module, AutomaticGainControl):
         return (module.gain, module.bias) if module.gain is not None else None  # gain folded into the conv
-    scale = getattr(module, "scale", None)  # folded layers: a conv computing scale[o] * conv(x)[o] + bias[o]
-    if isinstance(module, nn.modules.conv._ConvNd) and isinstance(scale, nn.Parameter) and scale.dim() == 1:
-        return scale, module.bias
+    # folded layers: a conv computing scale[o] * conv(x)[o] + bias[o] (read from `_parameters`: while torch.fx
+    # traces, attribute access returns proxies)
+    scale = module._parameters.get("scale") if isinstance(module, nn.modules.conv._ConvNd) else None
+    if isinstance(scale, nn.Parameter) and scale.dim() == 1:
+        return scale, module._parameters.get("bias")
     return None
 
 
@@ -131,6 +133,8 @@ def _transparent(node: Any, modules: dict[str, nn.Module]) -> bool:
     """Nodes that pass their first input through unchanged at initialisation (identity, dropout, drop-path)."""
     if node.op == "call_module":
         module = modules.get(node.target)
+        if isinstance(module, AutomaticGainControl) and module.gain is None:
+            return True  # its gain was folded into the conv before it: that conv carries the branch's scale
         return isinstance(module, _TRANSPARENT_MODULES) or type(module).__name__ in ("StochasticDepth", "DropPath")
     if node.op == "call_function":
         return getattr(node.target, "__name__", "") in ("stochastic_depth", "drop_path", "dropout")
@@ -141,7 +145,11 @@ class _LeafTracer(torch.fx.Tracer):
     """Treat gain layers (and folded convs) as leaves, like ``torch.nn``'s own modules."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return gain_parameters(m) is not None or super().is_leaf_module(m, module_qualified_name)
+        return (
+            gain_parameters(m) is not None
+            or isinstance(m, AutomaticGainControl)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
 
 
 def _traced_graphs(model: nn.Module, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, nn.Module, Any]]:
