@@ -260,7 +260,7 @@ def test_keep_magnitude_holds_every_filter_norm(tmp_path, optimizer):
     L.seed_everything(0)
     model = ConvNet(optimizer)
     recorder = WeightRecorder()
-    cb = MeanShiftRejection(init_magnitude=1.5, keep_magnitude=True)
+    cb = MeanShiftRejection(init_magnitude=1.5, keep_magnitude=True, calibrate=False)
     trainer(tmp_path, max_epochs=3, callbacks=[cb, recorder]).fit(model, loader(64))
     after = filter_norms(model)
     for name, norms in after.items():
@@ -314,12 +314,12 @@ def test_keep_magnitude_with_accumulation_and_resume(tmp_path):
     L.seed_everything(0)
     model = ConvNet("sgd_momentum")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    cb = MeanShiftRejection(keep_magnitude=True)
+    cb = MeanShiftRejection(keep_magnitude=True, calibrate=False)
     trainer(tmp_path, max_epochs=1, accumulate_grad_batches=2, enable_checkpointing=True, callbacks=[cb, ckpt]).fit(
         model, loader(64)
     )
     resumed = ConvNet("sgd_momentum")
-    trainer(tmp_path, max_epochs=2, callbacks=[MeanShiftRejection(keep_magnitude=True)]).fit(
+    trainer(tmp_path, max_epochs=2, callbacks=[MeanShiftRejection(keep_magnitude=True, calibrate=False)]).fit(
         resumed, loader(64), ckpt_path=ckpt.last_model_path
     )
     for norms in filter_norms(resumed).values():
@@ -466,7 +466,7 @@ def test_keep_magnitude_on_float64_weights(tmp_path):
     """Norms are accumulated in at least float32: float64 weights keep float64 norms instead of crashing."""
     L.seed_everything(0)
     model = ConvNet("adamw")
-    cb, recorder = MeanShiftRejection(keep_magnitude=True), WeightRecorder()
+    cb, recorder = MeanShiftRejection(keep_magnitude=True, calibrate=False), WeightRecorder()
     trainer(tmp_path, max_steps=3, precision="64-true", callbacks=[cb, recorder]).fit(model, loader())
     assert model.features[0].weight.dtype == torch.float64
     for w in cb.weights:

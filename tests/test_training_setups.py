@@ -122,7 +122,7 @@ def test_accumulation_equals_one_big_batch_for_sgd(tmp_path, alpha):
     for accumulate, batch in ((4, 2), (1, 8)):
         L.seed_everything(0)
         model = ConvNet("sgd")
-        cb = MeanShiftRejection(alpha=alpha)
+        cb = MeanShiftRejection(alpha=alpha, calibrate=False)  # calibration sees one micro-batch
         trainer(tmp_path, max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[cb]).fit(
             model, loader(32, batch)
         )
@@ -137,7 +137,7 @@ def test_accumulation_projects_once_per_optimizer_step_when_alpha_below_one(tmp_
 
     original = module._project_one_
     monkeypatch.setattr(module, "_project_one_", lambda *a: (calls.append(1), original(*a)))
-    cb = MeanShiftRejection(alpha=0.5)
+    cb = MeanShiftRejection(alpha=0.5, calibrate=False)
     trainer(tmp_path, max_steps=3, accumulate_grad_batches=4, callbacks=[cb]).fit(ConvNet("sgd"), loader(48, 2))
     n_weights = sum(w.centrable for w in cb.weights)
     assert len(calls) == 3 * n_weights
@@ -192,7 +192,8 @@ def test_manual_optimization_projects_each_optimizers_own_parameters_once(tmp_pa
     reference = copy.deepcopy(model)
     recorder = WeightRecorder()
     data = loader(4, 4)
-    trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(alpha=0.5, init="none"), recorder]).fit(model, data)
+    msr = MeanShiftRejection(alpha=0.5, init="none", adaptive_clip=None)  # exact projection, no clipping
+    trainer(tmp_path, max_steps=1, callbacks=[msr, recorder]).fit(model, data)
     x, _ = next(iter(data))
     fake = reference.generator(x.flip(-1))
     d_loss = nn.functional.softplus(reference.discriminator(fake.detach())).mean()
@@ -359,7 +360,9 @@ def assert_folded(model: nn.Module) -> None:
 def test_folded_model_stays_on_the_isocline_and_the_scale_trains_freely(tmp_path, optimizer):
     L.seed_everything(0)
     model = ConvNet(optimizer, batchnorm=True)
-    trainer(tmp_path, max_epochs=2, callbacks=folded_callbacks(keep_magnitude=True)).fit(model, loader())
+    trainer(tmp_path, max_epochs=2, callbacks=folded_callbacks(keep_magnitude=True, calibrate=False)).fit(
+        model, loader()
+    )
     assert_folded(model)
     conv = model.features[0]
     assert worst_mean_shift(model) < 1e-5
@@ -407,7 +410,8 @@ def test_folded_accumulation_equals_one_big_batch_for_sgd(tmp_path):
     for accumulate, batch in ((4, 2), (1, 8)):
         L.seed_everything(0)
         model = ConvNet("sgd", batchnorm=True)
-        trainer(tmp_path, max_epochs=2, accumulate_grad_batches=accumulate, callbacks=folded_callbacks()).fit(
+        callbacks = folded_callbacks(calibrate=False)  # calibration would see one micro-batch
+        trainer(tmp_path, max_epochs=2, accumulate_grad_batches=accumulate, callbacks=callbacks).fit(
             model, loader(32, batch)
         )
         assert_folded(model)

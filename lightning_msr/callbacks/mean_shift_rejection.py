@@ -592,8 +592,11 @@ class MeanShiftRejection(Callback):
             )
         if trainer.ckpt_path is not None:
             # Lightning restores a checkpoint after `setup` (where the draw happened) and sets `ckpt_path` then:
-            # the weights are the checkpoint's, which are never recalibrated
+            # the weights are the checkpoint's, which are never recalibrated, and a resumed run is not the start
+            # whose signal the first-batch check is for (its hooks would also change how later hooks run, e.g.
+            # NoiseInjection's in-place noise, and so the resumed run's last bits)
             self._calibration_due = False
+            self._first_report = CalibrationReport()
         self._project_in_backward = self._choose_backward(trainer)
         self._recenter_optimizers = set()
         self._optimizer_params = {}
