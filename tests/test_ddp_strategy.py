@@ -411,8 +411,9 @@ def test_buffers_synced_once_on_the_torch_before_2_13_path(tmp_path):
 
 @pytest.mark.ddp
 def test_batchnorm_replaced_by_the_callback_trains(tmp_path):
-    """batchnorm='replace' folds BatchNorm's scale into the conv: both ranks stay identical, the direction on norm 1."""
-    args = ("--batchnorm", "--msr-batchnorm", "replace", "--noise", "--keep-magnitude")
+    """batchnorm='replace' folds BatchNorm's scale into the conv: both ranks stay identical, the direction on norm 1
+    (the plain draw's norm: without calibration, which would rescale it)."""
+    args = ("--batchnorm", "--msr-batchnorm", "replace", "--noise", "--keep-magnitude", "--no-calibrate")
     rank0, rank1 = _records(tmp_path, _run(tmp_path, *args))
     assert not any("running_mean" in key for key in rank0["start_state"])
     assert "net.0.scale" in rank0["start_state"]  # BatchNorm's affine part is kept and trained, in the conv
