@@ -519,9 +519,9 @@ def _assert_trained_in_sync_across_nodes(records: list[dict[str, Any]], environm
         assert (record["global_rank"], record["node_rank"]) == (rank, rank)  # one rank per node
         assert record["steps"] == 4
     assert (rank0["seed"], rank1["seed"]) == (0, 1)
-    # BatchNorm replaced on both nodes, its affine part kept
+    # BatchNorm replaced on both nodes, its affine part kept (folded into the conv)
     assert not any("running_mean" in key for key in rank0["start_state"])
-    assert "net.1.weight" in rank0["start_state"]
+    assert "net.0.scale" in rank0["start_state"]
     # each node drew its own zero-mean init (different seeds) ...
     for key in CONV_WEIGHTS:
         assert not torch.equal(rank0["setup_state"][key], rank1["setup_state"][key]), key

@@ -349,7 +349,7 @@ def test_beta_init_accepts_any_real_number():
     import numpy as np
 
     for value in (np.float32(0.5), torch.tensor(0.5), Fraction(1, 2)):
-        assert repr(DeepControl(beta_init=value)) == "DeepControl(beta_init=0.5, exclude=None)"
+        assert repr(DeepControl(beta_init=value)) == "DeepControl(beta_init=0.5, exclude=None, fold_gain=True)"
     for value in (True, torch.tensor([0.5]), 0.5j):
         with pytest.raises(MSRConfigurationError, match="Expected `beta_init` to be a number in"):
             DeepControl(beta_init=value)

@@ -260,9 +260,9 @@ def test_cifar10_cli_end_to_end_with_msr_config(fake_cifar10, tmp_path):
     (in_memory,) = trainer.test(model, datamodule=cli.datamodule, verbose=False)
 
     # evaluating the checkpoint in a new run: `test` runs no fit-time surgery, but the checkpoint records that
-    # the network now has per-channel scale and bias layers, and LightningCLI rebuilds it that way
+    # the network now has BatchNorm's scale folded into its convs, and LightningCLI rebuilds it that way
     (checkpoint,) = tmp_path.rglob("*.ckpt")
-    assert torch.load(checkpoint, weights_only=False)["hyper_parameters"]["norm"] == "affine"
+    assert torch.load(checkpoint, weights_only=False)["hyper_parameters"]["norm"] == "fold"
     assert model.hparams.norm == "batchnorm"  # the model's own hyper-parameters are unchanged
     tested = cli_main(
         [

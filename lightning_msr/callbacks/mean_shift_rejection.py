@@ -654,6 +654,12 @@ class MeanShiftRejection(Callback):
     def _open_first_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Arm the first training forward: calibrate a fresh draw (see ``calibrate``), or only watch the signal."""
         stack = contextlib.ExitStack()
+        if self._calibration_due and any(is_sharded(w.parameter) for w in self._weights or []):
+            self._calibration_due = False
+            rank_zero_info(
+                "MeanShiftRejection: calibration is not supported on sharded (FSDP2) weights yet; the plain "
+                "zero-mean draw is kept, and the first batch is only watched."
+            )
         if self._calibration_due:
             reduce = None
             if trainer.world_size > 1:
