@@ -40,10 +40,23 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _accuracy_models import BASE_METHODS, OPTIONS, TASKS, build, has_norm_layer, parse_method
+from _accuracy_models import (
+    ARCHS,
+    BASE_METHODS,
+    DEFAULT_CACHE_DIR,
+    OPTIONS,
+    TASKS,
+    augment_batch,
+    build,
+    has_norm_layer,
+    parse_method,
+)
 
 FIELDS = [
     "dataset",
+    "arch",
+    "n_train",
+    "n_test",
     "method",
     "batch_size",
     "lr",
@@ -57,7 +70,9 @@ FIELDS = [
     "norm_layers",
     "callbacks",
 ]
-KEY = ("dataset", "method", "batch_size", "lr", "seed", "epochs")
+KEY = ("dataset", "arch", "n_train", "method", "batch_size", "lr", "seed", "epochs")
+# the training-set sizes of the full digits and shapes tasks, to fill in `n_train` of rows written before it existed
+FULL_TRAIN_SIZES = {"digits": 1437, "shapes": 1000}
 DEFAULT_METHODS = ["batchnorm", "none", "msr", "msr_affine", "msr_noise", "msr_affine_noise", "agc"]
 DEFAULT_LRS = [0.02, 0.05, 0.1, 0.2, 0.4]
 
@@ -74,9 +89,13 @@ class Classifier(L.LightningModule):
         weight_decay: float = 5e-4,
         warmup: float = 0.0,
         conv_lr: float = 1.0,
+        augment: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
+        self.augment = augment
+        self._aug_gen = torch.Generator().manual_seed(seed)
         self.lr, self.total_steps, self.momentum, self.weight_decay = lr, total_steps, momentum, weight_decay
         self.warmup_steps = round(warmup * total_steps)
         self.conv_lr = conv_lr
@@ -89,6 +108,8 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
         x, y = batch
+        if self.augment:
+            x = augment_batch(x, self.augment, self._aug_gen)
         loss = nn.functional.cross_entropy(self.model(x), y)
         if not torch.isfinite(loss):
             self.diverged = True
@@ -149,11 +170,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(x)
 
 
-def run_one(task: Any, method: str, batch_size: int, lr: float, seed: int, epochs: int, progress: bool) -> dict:
+def run_one(
+    task: Any, method: str, batch_size: int, lr: float, seed: int, epochs: int, progress: bool, arch: str = "vgg"
+) -> dict:
     """Train one configuration and return its CSV row."""
     spec = parse_method(method)
     L.seed_everything(seed, workers=False, verbose=False)
-    model, callbacks, overrides = build(spec, task, seed)
+    model, callbacks, overrides = build(spec, task, seed, arch)
     data = torch.utils.data.TensorDataset(task.x_train, task.y_train)
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
@@ -167,6 +190,8 @@ def run_one(task: Any, method: str, batch_size: int, lr: float, seed: int, epoch
         weight_decay=overrides.get("wd", 5e-4),
         warmup=overrides.get("warmup", 0.0),
         conv_lr=overrides.get("conv_lr", 1.0),
+        augment=task.augment,
+        seed=seed,
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -194,6 +219,9 @@ def run_one(task: Any, method: str, batch_size: int, lr: float, seed: int, epoch
     diverged = module.diverged or not params_finite
     return {
         "dataset": task.name,
+        "arch": arch,
+        "n_train": len(task.y_train),
+        "n_test": len(task.y_test),
         "method": method,
         "batch_size": batch_size,
         "lr": lr,
@@ -215,6 +243,8 @@ def run_one(task: Any, method: str, batch_size: int, lr: float, seed: int, epoch
 def _key(row: dict) -> tuple:
     return (
         row["dataset"],
+        row["arch"],
+        int(row["n_train"]) if row["n_train"] not in ("", None) else None,
         row["method"],
         int(row["batch_size"]),
         float(row["lr"]),
@@ -223,19 +253,47 @@ def _key(row: dict) -> tuple:
     )
 
 
+def _upgrade(row: dict) -> dict:
+    """A row of a CSV written before the ``arch``/``n_train``/``n_test`` columns: the VGG net on the full task."""
+    row = dict(row)
+    if not row.get("arch"):
+        row["arch"] = "vgg"
+    if row.get("n_train") in ("", None):
+        full = FULL_TRAIN_SIZES.get(row["dataset"])
+        per_epoch = math.ceil(full / int(row["batch_size"])) if full else None
+        # only when the recorded steps prove that the run saw the full training set
+        ok = full and not int(row["diverged"]) and int(row["steps"]) == int(row["epochs"]) * per_epoch
+        row["n_train"] = full if ok else ""
+    row.setdefault("n_test", "")
+    return row
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+        return [_upgrade(r) for r in csv.DictReader(fh)]
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append one row under an exclusive lock (several sweeps may share one CSV)."""
+    """Append one row under an exclusive lock (several sweeps may share one CSV).
+
+    A CSV with an older header is first rewritten with the current columns (old rows keep every value).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as fh:
+    with path.open("a+", newline="") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
+            fh.seek(0)
+            header = fh.readline().strip().split(",")
+            if header != [""] and header != FIELDS:
+                fh.seek(0)
+                old = [_upgrade(r) for r in csv.DictReader(fh)]
+                fh.seek(0)
+                fh.truncate()
+                writer = csv.DictWriter(fh, fieldnames=FIELDS)
+                writer.writeheader()
+                writer.writerows({k: r.get(k, "") for k in FIELDS} for r in old)
             fh.seek(0, os.SEEK_END)
             writer = csv.DictWriter(fh, fieldnames=FIELDS)
             if fh.tell() == 0:
@@ -255,15 +313,26 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def section(row: dict) -> str:
+    """The table a row belongs to: the task, plus the network and the training-set size when they are not the
+    VGG net on the full digits/shapes task (e.g. ``"fashion_mnist, resnet20, 10000 train images"``)."""
+    label, full = row["dataset"], FULL_TRAIN_SIZES.get(row["dataset"])
+    if row["arch"] != "vgg" or full is None:
+        label += f", {row['arch']}"
+    if row["n_train"] not in ("", None) and int(row["n_train"]) != full:
+        label += f", {row['n_train']} train images"
+    return label
+
+
 def summarize(rows: list[dict]) -> dict:
-    """``{(dataset, method, batch): {"best": (lr, mean, std, n), "sweep": {lr: (mean, std, n, diverged)}}}``."""
+    """``{(section, method, batch): {"best": (lr, mean, std, n), "sweep": {lr: (mean, std, n, diverged)}}}``."""
     groups: dict[tuple, dict[float, list[dict]]] = {}
     seen = set()
     for r in rows:
         if _key(r) in seen:  # the same configuration finished twice by parallel sweeps: count it once
             continue
         seen.add(_key(r))
-        key = (r["dataset"], r["method"], int(r["batch_size"]))
+        key = (section(r), r["method"], int(r["batch_size"]))
         groups.setdefault(key, {}).setdefault(float(r["lr"]), []).append(r)
     out = {}
     for key, by_lr in groups.items():
@@ -371,7 +440,7 @@ METHOD_NOTES = {
 def _protocol(rows: list[dict]) -> list[str]:
     epochs: dict[str, dict[int, set]] = {}
     for r in rows:
-        epochs.setdefault(r["dataset"], {}).setdefault(int(r["batch_size"]), set()).add(int(r["epochs"]))
+        epochs.setdefault(section(r), {}).setdefault(int(r["batch_size"]), set()).add(int(r["epochs"]))
     budget = "; ".join(
         f"{ds}: " + ", ".join(f"batch {b}: {'/'.join(map(str, sorted(e)))}" for b, e in sorted(by_b.items()))
         for ds, by_b in sorted(epochs.items())
@@ -539,6 +608,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30, help="epochs at batch >= 32 (fewer below, see epochs_for)")
     parser.add_argument("--dataset", nargs="+", choices=sorted(TASKS), default=["digits", "shapes"])
+    parser.add_argument("--arch", nargs="+", choices=ARCHS, default=["vgg"], help="network(s): VGG-style or ResNet-20")
+    data = parser.add_argument_group("Fashion-MNIST data (install: apt-get install -y dataset-fashion-mnist)")
+    data.add_argument("--data-dir", type=Path, default=None, help="folder with the idx files or a torchvision root")
+    data.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the files are unpacked")
+    data.add_argument("--download", action="store_true", help="let torchvision download the files into --cache-dir")
+    data.add_argument("--train-size", type=int, default=None, help="fixed random subset of the 60k training images")
+    data.add_argument("--test-size", type=int, default=None, help="fixed random subset of the 10k test images")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
     parser.add_argument("--csv", type=Path, default=None, help="result file (default: OUT/accuracy.csv)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests use it)")
@@ -547,6 +623,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-report", action="store_true", help="do not rebuild accuracy.md and the plots")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     return parser.parse_args(argv)
+
+
+def load_task(name: str, args: argparse.Namespace, max_train: Optional[int]) -> Any:
+    """The task ``name`` with the data options of the command line (``--data-dir`` etc. for Fashion-MNIST)."""
+    if name != "fashion_mnist":
+        return TASKS[name](max_train=max_train)
+    try:
+        return TASKS[name](
+            max_train=max_train,
+            train_size=args.train_size,
+            test_size=args.test_size,
+            data_dir=args.data_dir,
+            cache_dir=args.cache_dir,
+            download=args.download,
+        )
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -562,25 +655,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.report_only:
         for spec in args.methods:
             parse_method(spec)  # fail early on a typo
+        tasks = {ds: load_task(ds, args, max_train) for ds in args.dataset}
         plan = [
-            (ds, m, b, scaled_lr(lr, b, args.lr_scaling), s, epochs_for(b, args.epochs))
+            (ds, arch, len(tasks[ds].y_train), m, b, scaled_lr(lr, b, args.lr_scaling), s, epochs_for(b, args.epochs))
             for s in args.seeds  # seed outermost: a sweep stopped early has every setting with fewer seeds
             for ds in args.dataset
+            for arch in args.arch
             for b in args.batch_sizes
             for m in args.methods
             for lr in args.lrs
         ]
         done = {_key(r) for r in read_rows(csv_path)}
-        todo = [p for p in plan if (p[0], p[1], p[2], p[3], p[4], p[5]) not in done]
+        todo = [p for p in plan if p not in done]
         print(f"{len(plan)} configurations, {len(plan) - len(todo)} already in {csv_path}, {len(todo)} to run")
-        tasks = {}
-        for i, (ds, m, b, lr, s, ep) in enumerate(todo):
-            if (p := (ds, m, b, lr, s, ep)) in {_key(r) for r in read_rows(csv_path)}:
+        for i, p in enumerate(todo):
+            if p in {_key(r) for r in read_rows(csv_path)}:
                 continue  # finished meanwhile by a parallel sweep on the same CSV
-            if ds not in tasks:
-                tasks[ds] = TASKS[ds](max_train=max_train)
+            ds, arch, _, m, b, lr, s, ep = p
             try:
-                row = run_one(tasks[ds], m, b, lr, s, ep, args.progress_bar)
+                row = run_one(tasks[ds], m, b, lr, s, ep, args.progress_bar, arch=arch)
             except NotImplementedError as err:
                 print(f"[{i + 1}/{len(todo)}] skip {p}: {err}")
                 continue
