@@ -261,8 +261,10 @@ def _upgrade(row: dict) -> dict:
     if row.get("n_train") in ("", None):
         full = FULL_TRAIN_SIZES.get(row["dataset"])
         per_epoch = math.ceil(full / int(row["batch_size"])) if full else None
-        # only when the recorded steps prove that the run saw the full training set
-        ok = full and not int(row["diverged"]) and int(row["steps"]) == int(row["epochs"]) * per_epoch
+        # when the recorded steps show that the run went through the full training set (a diverged run stopped
+        # early: its steps can only be at most the full count)
+        steps, planned = int(row["steps"]), int(row["epochs"]) * per_epoch if full else -1
+        ok = full and (steps == planned or (int(row["diverged"]) and steps <= planned))
         row["n_train"] = full if ok else ""
     row.setdefault("n_test", "")
     return row
