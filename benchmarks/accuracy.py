@@ -1,9 +1,9 @@
 """Accuracy of Mean Shift Rejection against BatchNorm across batch sizes, with a learning-rate sweep per method.
 
-Every configuration (task, method, batch size, learning rate, seed) is one Lightning ``Trainer.fit`` of the same
-small VGG-style CNN; only the layer after each conv and the callbacks differ. Results are appended to a CSV as
-they finish, so an interrupted sweep resumes where it stopped (configurations already in the CSV are skipped),
-and the Markdown table and plots are regenerated from the whole CSV.
+Every configuration (task, network, method, batch size, learning rate, seed) is one Lightning ``Trainer.fit`` of
+a small VGG-style CNN or a ResNet-20 (``--arch``); only the layer after each conv and the callbacks differ.
+Results are appended to a CSV as they finish, so an interrupted sweep resumes where it stopped (configurations
+already in the CSV are skipped), and the Markdown table and plots are regenerated from the whole CSV.
 
 Usage::
 
@@ -12,6 +12,10 @@ Usage::
     python benchmarks/accuracy.py --dataset shapes --methods batchnorm msr_affine_noise --batch-sizes 1 2
     python benchmarks/accuracy.py --methods "msr_affine[init_magnitude=2]" --batch-sizes 32 --lrs 0.05 0.1
     python benchmarks/accuracy.py --report-only                    # rebuild accuracy.md and the plots
+    python benchmarks/accuracy.py --dataset fashion_mnist --arch vgg resnet20 --train-size 5000 --test-size 5000
+
+Fashion-MNIST is read from Debian's package (``apt-get install -y dataset-fashion-mnist``) when it is installed,
+else from ``--data-dir``, or downloaded by torchvision into ``--cache-dir`` with ``--download``.
 
 ``--methods`` entries are ``name`` or ``name[key=value,...]``; names and options are listed by ``--help``.
 Learning rates (``--lrs``) are given for batch 32 and scaled by ``sqrt(batch / 32)`` for other batch sizes
@@ -425,6 +429,14 @@ def write_report(rows: list[dict], out: Path, title_note: str = "", ablation_row
 
 METHOD_NOTES = {
     "batchnorm": "BatchNorm2d after every conv (batch statistics in training, running statistics in evaluation)",
+    "groupnorm": "`nn.GroupNorm` after every conv, groups of 4 channels (at most 32 groups): per-sample statistics",
+    "frn": "Filter Response Normalization + TLU (Singh & Krishnan 2020) in place of every BatchNorm + ReLU: "
+    "`max(gamma * x / sqrt(mean_HW(x^2) + 1e-6) + beta, tau)`; per sample, no batch statistics (before a "
+    "residual sum without TLU; the ReLU after the sum stays)",
+    "msr_replace": "the BatchNorm network adopted by `MeanShiftRejection(batchnorm='replace')` (defaults): every "
+    "BatchNorm becomes a per-channel scale and bias",
+    "msr_replace_noise": "`msr_replace` + `NoiseInjection()` (defaults): what a user of a BatchNorm model gets from "
+    "the two callbacks as they ship",
     "none": "no normalisation, PyTorch's default conv init, conv biases",
     "affine": "a learnable per-channel scale and bias after every conv (no statistics), default init",
     "msr": "`MeanShiftRejection()` with its defaults, no normalisation, conv biases",
@@ -451,11 +463,15 @@ def _protocol(rows: list[dict]) -> list[str]:
     lines = [
         "## Protocol",
         "",
-        "* **Network** (the same family for every method): a small VGG-style CNN, two 3x3 convs per stage, "
-        "max-pool after each stage, global average pool and a linear head; digits 8x8: 2 stages, "
-        "convs 16,16,32,32; shapes 12x12: 3 stages, convs 8,8,16,16,32,32. Only the layer after each conv "
+        "* **Networks** (the same per table for every method): `vgg` -- a small VGG-style CNN, two 3x3 convs "
+        "per stage, max-pool after each stage, global average pool and a linear head; digits 8x8: 2 stages, "
+        "convs 16,16,32,32; shapes 12x12: 3 stages, convs 8,8,16,16,32,32; Fashion-MNIST 28x28: 4 stages, "
+        "convs 16,16,32,32,64,64,64,64. `resnet20` -- the CIFAR-style ResNet-20 of He et al. (3x3 stem, 3 stages "
+        "of 3 basic blocks, 16/32/64 channels, 1x1 conv + BatchNorm projection shortcuts, global average pool, "
+        "linear head), written with BatchNorm and ReLU as users write it. Only the layer after each conv "
         "and the callbacks differ between methods; the MSR variants have no normalisation "
-        "layer anywhere (checked per run: column `norm_layers` of the CSV).",
+        "layer anywhere when they train (checked per run: column `norm_layers` of the CSV; the `msr_replace*` "
+        "rows start from the BatchNorm network and `MeanShiftRejection(batchnorm='replace')` swaps it).",
         "* **Training**: SGD, momentum 0.9, weight decay 5e-4 on all parameters, cross-entropy, per-step cosine "
         "decay to 0, no warm-up (except where an ablation says so). Learning rates are given for batch 32 and "
         "scaled by sqrt(batch / 32); every method gets the same base grid, some also extra LRs where a "
@@ -472,7 +488,10 @@ def _protocol(rows: list[dict]) -> list[str]:
         "test: the nuisances are per image, not per batch, so BatchNorm's batch statistics cannot remove them "
         "and every method has to learn to ignore them; they are the spatial *common-mode* MSR claims to "
         "reject, so the task tests that claim directly (and is by construction friendly to zero-mean "
-        "kernels -- read it next to `digits`, which is neutral).",
+        "kernels -- read it next to `digits`, which is neutral); `fashion_mnist` -- Zalando's Fashion-MNIST "
+        "(28x28 grey, 10 classes) read by `torchvision.datasets.FashionMNIST`, standardised, a fixed random "
+        "subset (seed 0) of the 60k training and 10k test images where the table says so (`N train images`), "
+        "training batches randomly cropped after zero padding by 2 pixels and flipped horizontally.",
         "* **Methods**:",
     ]
     lines += [f"    * `{b}`: {METHOD_NOTES.get(b, '')}" for b in bases]
