@@ -516,6 +516,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "lsuv": float,
     "conv_lr": float,
     "clip": float,
+    "unit_clip": float,
 }
 
 
@@ -575,7 +576,9 @@ def build(spec: MethodSpec, task: Task, seed: int, arch: str = "vgg") -> tuple[n
         callbacks.append(lightning_msr.NoiseInjection(**kwargs))
     if spec.options.get("lsuv"):
         _lsuv(model, task, seed, spec.options.get("init_magnitude", 1.0), int(spec.options["lsuv"]))
-    overrides = {k: spec.options[k] for k in ("warmup", "wd", "momentum", "conv_lr", "clip") if k in spec.options}
+    overrides = {
+        k: spec.options[k] for k in ("warmup", "wd", "momentum", "conv_lr", "clip", "unit_clip") if k in spec.options
+    }
     return model, callbacks, overrides
 
 
@@ -601,6 +604,24 @@ def _lsuv(model: nn.Module, task: Task, seed: int, magnitude: float, mode: int) 
         c.weight.mul_(scale.view(-1, 1, 1, 1) if mode == 2 else scale)
         if c.bias is not None:
             c.bias.mul_(scale)
+
+
+@torch.no_grad()
+def unitwise_clip_(params: list[Tensor], clipping: float, eps: float = 1e-3) -> None:
+    """Adaptive gradient clipping, unit-wise (NFNets, Brock et al. 2021), in place on ``p.grad``.
+
+    For every output unit (row of a weight: a conv filter, a linear row; a bias or scale vector element-wise)
+    the gradient is scaled down to at most ``clipping * max(||w_unit||, eps)``. Scaling a whole filter keeps the
+    mean of each of its kernels, so it commutes with Mean Shift Rejection's projection.
+    """
+    for p in params:
+        if p.grad is None:
+            continue
+        dims = tuple(range(1, p.dim()))
+        w_norm = torch.linalg.vector_norm(p, dim=dims, keepdim=True) if dims else p.abs()
+        g_norm = torch.linalg.vector_norm(p.grad, dim=dims, keepdim=True) if dims else p.grad.abs()
+        max_norm = w_norm.clamp_min(eps) * clipping
+        p.grad.mul_(torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(1e-6), torch.ones_like(g_norm)))
 
 
 def has_norm_layer(model: nn.Module) -> bool:

@@ -54,6 +54,7 @@ from _accuracy_models import (
     build,
     has_norm_layer,
     parse_method,
+    unitwise_clip_,
 )
 
 FIELDS = [
@@ -95,9 +96,11 @@ class Classifier(L.LightningModule):
         conv_lr: float = 1.0,
         augment: int = 0,
         seed: int = 0,
+        unit_clip: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.unit_clip = unit_clip
         self.augment = augment
         self._aug_gen = torch.Generator().manual_seed(seed)
         self.lr, self.total_steps, self.momentum, self.weight_decay = lr, total_steps, momentum, weight_decay
@@ -122,6 +125,12 @@ class Classifier(L.LightningModule):
         self._sum += float(loss.detach()) * len(y)
         self._count += len(y)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.unit_clip:  # NFNets' AGC on every parameter but the classifier's (as Brock et al. recommend)
+            head = [m for m in self.model.modules() if isinstance(m, nn.Linear)][-1:]
+            skip = {id(p) for m in head for p in m.parameters()}
+            unitwise_clip_([p for p in self.model.parameters() if id(p) not in skip], self.unit_clip)
 
     def on_train_epoch_start(self) -> None:
         self._sum, self._count = 0.0, 0
@@ -196,6 +205,7 @@ def run_one(
         conv_lr=overrides.get("conv_lr", 1.0),
         augment=task.augment,
         seed=seed,
+        unit_clip=overrides.get("unit_clip"),
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -500,9 +510,11 @@ def _protocol(rows: list[dict]) -> list[str]:
         "`keep_magnitude` of `MeanShiftRejection`; `noise_scale`, `noise_shift`, `noise_schedule` and "
         "`noise_position` (`conv`: conv outputs, `affine`: after the per-channel affine, `relu`: after the "
         "activation) of `NoiseInjection`; `warmup`: fraction of the steps with linear LR warm-up; `clip`: the "
-        "Trainer's `gradient_clip_val` (norm); `conv_lr`: LR multiplier of the conv weights (a second param "
-        "group); `wd`, `momentum`: SGD's; `lsuv`: after zero-mean init, scale each conv so that its output has "
-        "unit RMS on 256 training images (1: per layer, 2: per filter; data-dependent, LSUV-like)).",
+        "Trainer's `gradient_clip_val` (norm); `unit_clip`: NFNets' unit-wise adaptive gradient clipping with "
+        "this factor (every parameter but the classifier's; Brock et al. 2021); `conv_lr`: LR multiplier of "
+        "the conv weights (a second param group); `wd`, `momentum`: SGD's; `lsuv`: after zero-mean init, "
+        "scale each conv so that its output has unit RMS on 256 training images (1: per layer, 2: per filter; "
+        "data-dependent, LSUV-like)).",
         "",
     ]
     return lines
