@@ -501,7 +501,9 @@ def _protocol(rows: list[dict]) -> list[str]:
         "kernels -- read it next to `digits`, which is neutral); `fashion_mnist` -- Zalando's Fashion-MNIST "
         "(28x28 grey, 10 classes) read by `torchvision.datasets.FashionMNIST`, standardised, a fixed random "
         "subset (seed 0) of the 60k training and 10k test images where the table says so (`N train images`), "
-        "training batches randomly cropped after zero padding by 2 pixels and flipped horizontally.",
+        "training batches randomly cropped after zero padding by 2 pixels and flipped horizontally. Its tables "
+        "are a short budget that fits a shared 2-core CPU (a few thousand images, the epochs above: 80 steps at "
+        "batch 128): they rank how fast each method trains as much as where it would end.",
         "* **Methods**:",
     ]
     lines += [f"    * `{b}`: {METHOD_NOTES.get(b, '')}" for b in bases]
@@ -639,6 +641,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lrs", nargs="+", type=float, default=DEFAULT_LRS, help="learning rates at batch 32")
     parser.add_argument("--lr-scaling", choices=["sqrt", "linear", "none"], default="sqrt")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--best-lr-seeds",
+        nargs="+",
+        type=int,
+        default=[],
+        help="more seeds, run only at the best LR of each finished sweep (e.g. --seeds 0 --best-lr-seeds 1 2)",
+    )
     parser.add_argument("--epochs", type=int, default=30, help="epochs at batch >= 32 (fewer below, see epochs_for)")
     parser.add_argument("--dataset", nargs="+", choices=sorted(TASKS), default=["digits", "shapes"])
     parser.add_argument("--arch", nargs="+", choices=ARCHS, default=["vgg"], help="network(s): VGG-style or ResNet-20")
@@ -656,6 +665,52 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-report", action="store_true", help="do not rebuild accuracy.md and the plots")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     return parser.parse_args(argv)
+
+
+def _run_plan(plan: list[tuple], tasks: dict, csv_path: Path, progress: bool) -> None:
+    """Run every configuration of ``plan`` not in the CSV yet, appending each row as it finishes."""
+    done = {_key(r) for r in read_rows(csv_path)}
+    todo = [p for p in plan if p not in done]
+    print(f"{len(plan)} configurations, {len(plan) - len(todo)} already in {csv_path}, {len(todo)} to run", flush=True)
+    for i, p in enumerate(todo):
+        if p in {_key(r) for r in read_rows(csv_path)}:
+            continue  # finished meanwhile by a parallel sweep on the same CSV
+        ds, arch, _, m, b, lr, s, ep = p
+        try:
+            row = run_one(tasks[ds], m, b, lr, s, ep, progress, arch=arch)
+        except NotImplementedError as err:
+            print(f"[{i + 1}/{len(todo)}] skip {p}: {err}")
+            continue
+        append_row(csv_path, row)
+        print(f"[{i + 1}/{len(todo)}] " + json.dumps(row), flush=True)
+
+
+def best_lr_plan(plan: list[tuple], rows: list[dict], seeds: list[int]) -> list[tuple]:
+    """More seeds at the best learning rate of every setting of ``plan`` whose whole LR sweep is in ``rows``.
+
+    The best LR is the one of :func:`summarize` (highest mean over the seeds run so far); a setting whose sweep
+    is not finished yet is left out (and said so), so a later call picks it up.
+    """
+    by_setting: dict[tuple, set] = {}
+    for ds, arch, n, m, b, lr, _, ep in plan:
+        by_setting.setdefault((ds, arch, n, m, b, ep), set()).add(lr)
+    results: dict[tuple, dict[float, list[float]]] = {}
+    for r in rows:
+        k = _key(r)
+        setting = (k[0], k[1], k[2], k[3], k[4], k[7])
+        if setting in by_setting:
+            results.setdefault(setting, {}).setdefault(k[5], []).append(float(r["test_acc"]))
+    extra = []
+    for setting, lrs in by_setting.items():
+        swept = results.get(setting, {})
+        if not lrs <= set(swept):
+            print(f"best-LR seeds: the sweep of {setting} is not finished ({len(lrs & set(swept))}/{len(lrs)} LRs)")
+            continue
+        most = max(len(v) for v in swept.values())
+        best = max((lr for lr, v in swept.items() if len(v) == most), key=lambda lr: sum(swept[lr]) / most)
+        ds, arch, n, m, b, ep = setting
+        extra += [(ds, arch, n, m, b, best, s, ep) for s in seeds]
+    return extra
 
 
 def load_task(name: str, args: argparse.Namespace, max_train: Optional[int]) -> Any:
@@ -698,20 +753,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             for m in args.methods
             for lr in args.lrs
         ]
-        done = {_key(r) for r in read_rows(csv_path)}
-        todo = [p for p in plan if p not in done]
-        print(f"{len(plan)} configurations, {len(plan) - len(todo)} already in {csv_path}, {len(todo)} to run")
-        for i, p in enumerate(todo):
-            if p in {_key(r) for r in read_rows(csv_path)}:
-                continue  # finished meanwhile by a parallel sweep on the same CSV
-            ds, arch, _, m, b, lr, s, ep = p
-            try:
-                row = run_one(tasks[ds], m, b, lr, s, ep, args.progress_bar, arch=arch)
-            except NotImplementedError as err:
-                print(f"[{i + 1}/{len(todo)}] skip {p}: {err}")
-                continue
-            append_row(csv_path, row)
-            print(f"[{i + 1}/{len(todo)}] " + json.dumps(row), flush=True)
+        _run_plan(plan, tasks, csv_path, args.progress_bar)
+        if args.best_lr_seeds:  # the second stage: more seeds at the best LR of every finished sweep
+            _run_plan(best_lr_plan(plan, read_rows(csv_path), args.best_lr_seeds), tasks, csv_path, args.progress_bar)
     if not args.no_report:
         rows = read_rows(csv_path)
         ablation = args.out / "ablation.csv"

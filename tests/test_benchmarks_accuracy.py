@@ -241,7 +241,10 @@ def test_accuracy_fashion_mnist_tiny_run_on_both_networks(tmp_path):
         assert int(r["norm_layers"]) == (r["method"] != "msr_replace_noise")
     md = (tmp_path / "accuracy.md").read_text()
     assert "## fashion_mnist, resnet20, 40 train images" in md and "## fashion_mnist, vgg, 40 train images" in md
-    assert "0 to run" in _run("accuracy.py", *args, "--methods", *methods, "--no-report")
+    # resumable; the second stage adds seed 1 at the best LR of each finished sweep (one LR here)
+    out = _run("accuracy.py", *args, "--methods", *methods, "--no-report", "--best-lr-seeds", "1")
+    assert "0 to run" in out and "8 configurations, 0 already in" in out
+    assert sorted(r["seed"] for r in _rows(tmp_path / "accuracy.csv")) == ["0"] * 8 + ["1"] * 8
 
 
 def test_accuracy_fashion_mnist_without_data_fails_clearly(tmp_path):
@@ -385,3 +388,15 @@ def test_unitwise_clip_bounds_each_units_gradient_by_its_weight_norm():
         <= 0.02 * float(conv.weight.detach().flatten(1).norm(dim=1).max()) + 1e-6
     )
     assert torch.equal(head.weight.grad, torch.full_like(head.weight, 100.0))
+
+
+def test_best_lr_plan_adds_seeds_at_the_best_lr_of_finished_sweeps_only():
+    _, accuracy = _bench_modules()
+    plan = [("d", "vgg", 100, m, 32, lr, 0, 5) for m in ("a", "b") for lr in (0.1, 0.2, 0.4)]
+    acc = {0.1: 0.5, 0.2: 0.9, 0.4: 0.7}
+    rows = [
+        dict(dataset="d", arch="vgg", n_train="100", method=m, batch_size="32", lr=str(lr), seed="0", epochs="5")
+        | {"test_acc": str(acc[lr])}
+        for m, lr in [("a", 0.1), ("a", 0.2), ("a", 0.4), ("b", 0.1)]  # b's sweep is unfinished
+    ]
+    assert accuracy.best_lr_plan(plan, rows, [1, 2]) == [("d", "vgg", 100, "a", 32, 0.2, s, 5) for s in (1, 2)]
