@@ -21,6 +21,15 @@ def _run(script: str, *args: str) -> str:
     return proc.stdout
 
 
+def _fail(script: str, *args: str) -> str:
+    """Run a benchmark that must fail; its stderr."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    return proc.stderr
+
+
 def _rows(path: Path) -> list[dict]:
     with path.open(newline="") as fh:
         return list(csv.DictReader(fh))
@@ -73,14 +82,7 @@ def test_accuracy_tiny_writes_outputs_and_resumes(tmp_path):
 
 
 def test_accuracy_rejects_unknown_method(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "accuracy.py"), "--tiny", "--out", str(tmp_path), "--methods", "layernorm"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert proc.returncode != 0 and "Expected a method in" in proc.stderr
+    assert "Expected a method in" in _fail("accuracy.py", "--tiny", "--out", str(tmp_path), "--methods", "layernorm")
     assert not (tmp_path / "accuracy.csv").exists()
 
 
@@ -249,14 +251,7 @@ def test_accuracy_fashion_mnist_tiny_run_on_both_networks(tmp_path):
 
 def test_accuracy_fashion_mnist_without_data_fails_clearly(tmp_path):
     args = ["--tiny", "--out", str(tmp_path), "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "none")]
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "accuracy.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert proc.returncode != 0 and "Expected `--data-dir` to hold the four Fashion-MNIST idx files" in proc.stderr
+    assert "Expected `--data-dir` to hold the four Fashion-MNIST idx files" in _fail("accuracy.py", *args)
     assert not (tmp_path / "accuracy.csv").exists()
 
 
