@@ -53,6 +53,7 @@ from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 
 __all__ = [
     "KernelWeight",
+    "adaptive_clip_",
     "eligible_weights",
     "mean_shift",
     "project_mean_",
@@ -332,6 +333,57 @@ def zero_mean_init_(
         fresh.mul_(magnitude / norms.clamp(min=1e-12))
         weight.copy_(fresh)
     return weight
+
+
+def adaptive_clip_(parameters: Iterable[Tensor], clip: float, eps: float = 1e-3) -> None:
+    r"""Unit-wise adaptive gradient clipping (Brock et al. 2021, NFNets), in place on each parameter's ``.grad``.
+
+    Every *unit* -- an output filter ``W[o]`` of a conv (a row of any weight of 2 or more dims), or a single
+    element of a 1-D gain or bias -- has its gradient scaled down so that ``||g_unit|| <= clip * max(||w_unit||,
+    eps)``. The step can then change no unit by more than ``lr * clip`` of its own size, which is what keeps a
+    network without normalisation stable at BatchNorm's learning rates. Scaling a whole filter's gradient by one
+    number keeps a projected (zero-mean) gradient zero-mean. Parameters without a gradient are skipped. The
+    norms are computed in float32 (or wider) and nothing is copied to the host.
+
+    Args:
+        parameters: the parameters whose ``.grad`` is clipped.
+        clip: the largest allowed ratio of a unit's gradient norm to its weight norm (> 0); NFNets use
+            0.01-0.16, smaller for larger batches.
+        eps: the smallest weight norm used, so that zero-initialised units can still move.
+
+    Raises:
+        MSRConfigurationError: if ``clip`` or ``eps`` is not a positive number.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_msr.functional import adaptive_clip_
+        >>> w = torch.nn.Parameter(torch.ones(2, 4))  # two units of norm 2
+        >>> w.grad = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.01, 0.0, 0.0, 0.0]])
+        >>> adaptive_clip_([w], clip=0.1)
+        >>> w.grad.norm(dim=1)  # the first unit clipped to 0.1 * 2, the second one left alone
+        tensor([0.2000, 0.0100])
+    """
+    clip = _check_positive("clip", clip)
+    eps = _check_positive("eps", eps)
+    with torch.no_grad():
+        for param in parameters:
+            grad = param.grad
+            if grad is None:
+                continue
+            accumulate = torch.float32 if grad.dtype in _LOW_PRECISION else None
+            if param.dim() > 1:
+                w_norm = torch.linalg.vector_norm(param.detach().flatten(1), dim=1, dtype=accumulate)
+                g_norm = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=accumulate)
+                shape = (-1,) + (1,) * (param.dim() - 1)
+            else:
+                w_norm, g_norm = param.detach().abs(), grad.abs()
+                if accumulate is not None:
+                    w_norm, g_norm = w_norm.float(), g_norm.float()
+                shape = tuple(param.shape)
+            limit = w_norm.clamp(min=eps).mul_(clip)
+            factor = (limit / g_norm.clamp(min=1e-6)).clamp_(max=1.0)
+            grad.mul_(factor.view(shape).to(grad.dtype))
 
 
 @dataclass(frozen=True)

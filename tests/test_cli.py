@@ -81,13 +81,17 @@ def test_print_config_shows_callbacks_with_their_arguments(capsys):
 
 
 def test_fit_from_flags_alone(tmp_path):
-    cli = cli_main(["fit", "--model.norm=affine", "--trainer.logger=false", *_quick(tmp_path), *MSR_FLAGS])
+    # the paper's plain draw (no calibration, no clipping) keeps init_magnitude's norm, which the test checks
+    paper = [*MSR_FLAGS[:4], "--trainer.callbacks.calibrate=false", "--trainer.callbacks.adaptive_clip=null"]
+    paper += MSR_FLAGS[4:]
+    cli = cli_main(["fit", "--model.norm=affine", "--trainer.logger=false", *_quick(tmp_path), *paper])
     trainer, model = cli.trainer, cli.model
     assert trainer.state.finished
     assert trainer.global_step == 64 // 8
     msr = next(c for c in trainer.callbacks if isinstance(c, lightning_msr.MeanShiftRejection))
     noise = next(c for c in trainer.callbacks if isinstance(c, lightning_msr.NoiseInjection))
     assert msr.alpha == 1.0 and "keep_magnitude=True" in repr(msr) and "scale=0.15" in repr(noise)
+    assert "calibrate=False" in repr(msr) and "adaptive_clip=None" in repr(msr)
     # MSR really ran: every kernel was re-drawn zero-mean and stayed there through 8 SGD steps
     assert len(msr.weights) == 4
     assert _worst_mean_shift(model) < 1e-5

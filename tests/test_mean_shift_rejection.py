@@ -86,7 +86,8 @@ def test_gradients_are_projected_and_linear_and_biases_untouched(tmp_path):
     reference = copy.deepcopy(model)
     recorder = WeightRecorder()
     data = loader(8, batch_size=8)
-    trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(init="none"), recorder]).fit(model, data)
+    plain = MeanShiftRejection(init="none", adaptive_clip=None)  # the projection alone, no clipping
+    trainer(tmp_path, max_steps=1, callbacks=[plain, recorder]).fit(model, data)
     x, y = next(iter(data))
     nn.functional.cross_entropy(reference(x), y).backward()
     seen = recorder.grads[0]
@@ -111,7 +112,8 @@ def test_alpha_weights_the_mean_subtraction(tmp_path, alpha):
     reference = copy.deepcopy(model)
     recorder = WeightRecorder()
     data = loader(8, batch_size=8)
-    trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(alpha=alpha, init="none"), recorder]).fit(model, data)
+    weighted = MeanShiftRejection(alpha=alpha, init="none", adaptive_clip=None)
+    trainer(tmp_path, max_steps=1, callbacks=[weighted, recorder]).fit(model, data)
     x, y = next(iter(data))
     nn.functional.cross_entropy(reference(x), y).backward()
     raw = reference.features[0].weight.grad

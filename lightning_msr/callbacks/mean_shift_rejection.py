@@ -8,6 +8,7 @@ projection of the conv-weight gradients before every optimizer step, keep the ne
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any, Literal, Optional
 
@@ -28,6 +29,7 @@ from lightning_msr._checks import (
     _check_positive,
     _check_seed,
 )
+from lightning_msr.calibration import CalibrationReport, calibrate, gain_parameters, watch_signal
 from lightning_msr.callbacks.deep_control import _runs_in_worker_processes
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.functional import (
@@ -36,6 +38,7 @@ from lightning_msr.functional import (
     _Groups,
     _groups,
     _project_one_,
+    adaptive_clip_,
     eligible_weights,
     mean_shift,
     project_mean_,
@@ -99,6 +102,15 @@ class MeanShiftRejection(Callback):
       the Euclidean norm it had at fit start (``init_magnitude`` after a fresh zero-mean init), so the weights
       stay on the intersection of the zero-mean isocline and a sphere: the per-filter gain that follows the conv
       carries the scale, as in BatchNorm networks, and large learning rates can no longer blow the filters up;
+    * at the first training batch after a fresh zero-mean draw (``calibrate=True``), it sets every per-channel
+      gain and bias -- the :class:`~lightning_msr.nn.affine.ChannelAffine` or
+      :class:`~lightning_msr.nn.AutomaticGainControl` layers that replaced BatchNorm, or the filters of convs
+      that no such layer follows -- so that the signal propagates as in a BatchNorm network in training mode,
+      and scales the end of every residual branch by ``residual_scale`` (see
+      :func:`lightning_msr.calibration.calibrate`). The pass is the first training step itself, done once, from
+      the batch of all ranks; afterwards nothing depends on the batch. Without it, or when the weights were not
+      drawn (``init="center"``/``"none"``, a resumed fit), the first batch is only watched, and a signal that
+      vanishes or explodes on its way to the head is reported with the layer where it happens;
     * it logs ``msr/mean_shift``, the worst layer's :func:`~lightning_msr.functional.mean_shift`, at the
       Trainer's logging interval.
 
@@ -133,6 +145,19 @@ class MeanShiftRejection(Callback):
         strict: raise instead of warning when the model has no conv layer to act on.
         seed: seed of the initialisation draw; ``None`` uses ``torch.initial_seed()``, so ``seed_everything``
             makes it reproducible. The draw never advances the global RNG.
+        calibrate: after a fresh ``init="zero_mean"`` draw, set the gains (or filter magnitudes) from the first
+            training batch so that every layer starts with BatchNorm's signal (data-dependent initialisation).
+            Without it, zero-mean kernels of a fixed norm shrink the signal of most standard architectures by
+            orders of magnitude before it reaches the classifier. ``False`` keeps the paper's plain draw.
+        residual_scale: standard deviation of the last layer of every residual branch after calibration,
+            relative to BatchNorm's 1, in ``[0, 1]``: ``0`` starts every residual block as the identity (SkipInit),
+            which keeps residual sums bounded in deep networks; ``1`` is BatchNorm's start.
+        adaptive_clip: unit-wise adaptive gradient clipping (NFNets, Brock et al. 2021) of the convs MSR acts on
+            and of the gain layers, in ``on_before_optimizer_step`` (after the projection): no output filter, gain
+            or bias gets a gradient larger than ``adaptive_clip`` times its own norm
+            (:func:`~lightning_msr.functional.adaptive_clip_`). A network without normalisation has nothing that
+            undoes an oversized step, so this is what keeps it stable at BatchNorm's learning rates. ``None``
+            turns it off.
 
     Raises:
         MSRConfigurationError: for an argument out of range (at construction), and at ``setup`` for BatchNorm
@@ -179,6 +204,9 @@ class MeanShiftRejection(Callback):
         exclude: Optional[list[str]] = None,
         strict: bool = False,
         seed: Optional[int] = None,
+        calibrate: bool = True,
+        residual_scale: float = 0.0,
+        adaptive_clip: Optional[float] = 0.1,
     ) -> None:
         super().__init__()
         self._alpha = _check_in_range("alpha", alpha, 0.0, 1.0)
@@ -199,6 +227,9 @@ class MeanShiftRejection(Callback):
         self._exclude = _check_names("exclude", exclude)
         self._strict = _check_bool("strict", strict)
         self._seed = _check_seed("seed", seed)
+        self._calibrate = _check_bool("calibrate", calibrate)
+        self._residual_scale = _check_in_range("residual_scale", residual_scale, 0.0, 1.0)
+        self._adaptive_clip = None if adaptive_clip is None else _check_positive("adaptive_clip", adaptive_clip)
 
         # model-dependent state, filled at setup
         self._weights: Optional[list[KernelWeight]] = None
@@ -210,6 +241,7 @@ class MeanShiftRejection(Callback):
         # then (None if none was), and the weight's (transposed, groups)
         self._target_norms: dict[int, tuple[Tensor, Optional[Tensor], bool, int]] = {}
         self._optimizer_params: dict[int, tuple[int, list[tuple[nn.Parameter, _Groups]]]] = {}
+        self._clip_params: dict[int, tuple[int, list[nn.Parameter]]] = {}
         self._frozen: list[int] = []  # kernels without a backward hook yet because they do not require grad
         self._project_in_backward = False
         self._model_ref: Optional[weakref.ReferenceType] = None
@@ -217,6 +249,10 @@ class MeanShiftRejection(Callback):
         self._trainer_spawns = False
         self._initialized = False
         self._replaced: dict[str, nn.Module] = {}
+        # the first training batch: calibrate the fresh draw (or only watch the signal), then finish the pass
+        self._first_pass: Optional[contextlib.ExitStack] = None
+        self._first_report: Optional[CalibrationReport] = None
+        self._calibration_due = False
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -244,7 +280,9 @@ class MeanShiftRejection(Callback):
             f"{type(self).__name__}(alpha={self._alpha}, init={self._init!r}, "
             f"init_magnitude={self._init_magnitude}, include_linear={self._include_linear}, "
             f"batchnorm={self._batchnorm!r}, mode={self._mode!r}, recenter={self._recenter}, "
-            f"keep_magnitude={self._keep_magnitude}, projection_timing={self._timing!r})"
+            f"keep_magnitude={self._keep_magnitude}, projection_timing={self._timing!r}, "
+            f"calibrate={self._calibrate}, residual_scale={self._residual_scale}, "
+            f"adaptive_clip={self._adaptive_clip})"
         )
 
     # ------------------------------------------------------------------ setup: surgery and initialisation
@@ -360,6 +398,7 @@ class MeanShiftRejection(Callback):
                 generator = torch.Generator(device="cpu").manual_seed(seed % (2**63))
                 for w, kw in zip(weights, kwargs):
                     zero_mean_init_(w.parameter, self._init_magnitude, generator, **kw)
+                self._calibration_due = self._calibrate
                 rank_zero_info(
                     f"MeanShiftRejection: zero-mean initialised {len(weights)} weight(s) with filter norm "
                     f"{self._init_magnitude:g}."
@@ -396,6 +435,7 @@ class MeanShiftRejection(Callback):
         self._project_in_backward = self._choose_backward(trainer)
         self._recenter_optimizers = set()
         self._optimizer_params = {}
+        self._clip_params = {}
         # after restoring a checkpoint and DDP's broadcast: the norms every rank keeps are identical
         self._target_norms = self._capture_norms() if self._keep_magnitude else {}
         for optimizer in trainer.optimizers:
@@ -443,17 +483,126 @@ class MeanShiftRejection(Callback):
         # parameters unfrozen since the last batch (e.g. by BackboneFinetuning) come under projection
         if self._frozen and any(self._layouts[key][0].requires_grad for key in self._frozen):
             self._register_grad_hooks(self._frozen)
+        if self._first_report is None and self._first_pass is None and self._weights:
+            self._open_first_pass(trainer, pl_module)
+
+    def _open_first_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Arm the first training forward: calibrate a fresh draw (see ``calibrate``), or only watch the signal."""
+        stack = contextlib.ExitStack()
+        if self._calibration_due:
+            reduce = None
+            if trainer.world_size > 1:
+                strategy = trainer.strategy
+
+                def reduce(t: Tensor) -> Tensor:
+                    return strategy.reduce(t, reduce_op="sum")
+
+            self._first_report = stack.enter_context(
+                calibrate(
+                    pl_module,
+                    residual_scale=self._residual_scale,
+                    convs=[w.module for w in self._weights or []],
+                    exclude=self._exclude,
+                    reduce=reduce,
+                )
+            )
+        else:
+            self._first_report = stack.enter_context(watch_signal(pl_module))
+        self._first_pass = stack
+
+    def _close_first_pass(self, trainer: pl.Trainer) -> None:
+        """After the first forward: remove its hooks, share rank 0's result, say what happened or went wrong."""
+        if self._first_pass is None:
+            return
+        self._first_pass.close()
+        self._first_pass = None
+        report = self._first_report
+        if self._calibration_due:
+            self._calibration_due = False
+            model = self._model_ref() if self._model_ref is not None else None
+            if model is not None and report is not None and report.calibrated:
+                changed = set(report.calibrated)
+                for name, module in model.named_modules():
+                    if name in changed:
+                        for param in module.parameters(recurse=False):
+                            _broadcast_(trainer, param)
+            if self._keep_magnitude:
+                self._target_norms = self._capture_norms()  # the calibrated filter norms are the ones to keep
+            if report is not None:
+                rank_zero_info(
+                    f"MeanShiftRejection: calibrated {len(report.calibrated)} layer(s) on the first training batch "
+                    f"({len(report.residual)} residual branch end(s) at scale {self._residual_scale:g})."
+                )
+        if report is not None:
+            self._warn_signal(report)
+
+    def _warn_signal(self, report: CalibrationReport) -> None:
+        if report.failed:
+            name, why = next(iter(report.failed.items()))
+            rank_zero_warn(
+                f"MeanShiftRejection could not calibrate {len(report.failed)} layer(s) on the first training batch, "
+                f"first {name!r}: {why}. The layers after it get no usable signal at initialisation. Check the "
+                "input size (e.g. AutomaticGainControl on 1x1 maps removes the whole signal), or leave the layer "
+                "out with `exclude`.",
+                category=MSRWarning,
+            )
+            return
+        problem = report.signal_problem()
+        if problem is None:
+            return
+        name, value, how = problem
+        ref = report.input_rms or 1.0
+        advice = (
+            "Let MeanShiftRejection set the gains from the first batch (`calibrate=True`, the default for "
+            "`init='zero_mean'`), or pass `init='zero_mean'` for weights it may redraw."
+            if not self._calibrate or self._init != "zero_mean"
+            else "Lower the learning rate or check the layer; `residual_scale=0` keeps residual sums bounded."
+        )
+        rank_zero_warn(
+            f"MeanShiftRejection: at the first training batch the signal {how} at {name!r} (RMS {value:.3g}, "
+            f"{value / ref:.3g}x the input's {ref:.3g}). "
+            + (
+                "Training will barely move the weights before it. "
+                if how == "vanishes"
+                else "The loss and gradients will be huge or non-finite. "
+            )
+            + advice,
+            category=MSRWarning,
+        )
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._project_in_backward or self._alpha == 0.0:
-            return
-        with torch.no_grad():
-            for param, layout in self._params_of(optimizer):
-                if param.grad is not None:
-                    _project_one_(param.grad, layout, self._alpha)
+        if self._first_pass is not None:
+            self._close_first_pass(trainer)
+        if not self._project_in_backward and self._alpha != 0.0:
+            with torch.no_grad():
+                for param, layout in self._params_of(optimizer):
+                    if param.grad is not None:
+                        _project_one_(param.grad, layout, self._alpha)
+        if self._adaptive_clip is not None:
+            adaptive_clip_(self._clipped_of(optimizer), self._adaptive_clip)
+
+    def _clipped_of(self, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+        """The parameters ``optimizer`` steps that adaptive clipping acts on: those of the convs MSR acts on and
+        of the gain layers (what BatchNorm normalised), not the Linear head. Cached like :meth:`_params_of`."""
+        groups = optimizer.param_groups
+        cached = self._clip_params.get(id(optimizer))
+        if cached is not None and cached[0] == len(groups):
+            return cached[1]
+        model = self._model_ref() if self._model_ref is not None else None
+        wanted: set[int] = set()
+        for w in self._weights or []:
+            wanted.update(id(p) for p in w.module.parameters(recurse=False))
+        if model is not None:
+            for module in model.modules():
+                found = gain_parameters(module)
+                if found is not None:
+                    wanted.update(id(p) for p in module.parameters(recurse=False))
+        params = [p for group in groups for p in group["params"] if id(p) in wanted]
+        self._clip_params[id(optimizer)] = (len(groups), params)
+        return params
 
     def _params_of(self, optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, _Groups]]:
         """The kernels ``optimizer`` steps, with their groups: built once, rebuilt only when a param group is added
@@ -503,6 +652,8 @@ class MeanShiftRejection(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._first_pass is not None:
+            self._close_first_pass(trainer)
         if not self._layouts or getattr(trainer, "barebones", False):  # barebones Trainers disable `self.log`
             return
         connector = getattr(trainer, "_logger_connector", None)
@@ -517,6 +668,9 @@ class MeanShiftRejection(Callback):
 
     # ------------------------------------------------------------------ teardown and checkpoints
     def _remove_hooks(self) -> None:
+        if self._first_pass is not None:
+            self._first_pass.close()
+            self._first_pass = None
         for handle in list(self._grad_handles.values()) + self._step_handles:
             handle.remove()
         self._grad_handles = {}

@@ -1,0 +1,573 @@
+"""Data-dependent initialisation: give a BatchNorm-free network BatchNorm's signal at initialisation.
+
+A BatchNorm in training mode normalises every channel of its input with the statistics of the batch, so at
+initialisation every layer of a BatchNorm network passes on a signal of unit variance, whatever the depth, the
+fan-in or the filters. Zero-mean kernels of a fixed norm do not: on natural images, whose spatial spectrum is
+mostly low-frequency, a zero-mean kernel is a high-pass filter, and the signal of a converted torchvision model
+shrinks by orders of magnitude on its way to the classifier (10^-4 to 10^-14 measured in the model zoo), while
+residual sums without normalisation grow with every block.
+
+This module fixes the start once, from one batch, in the spirit of data-dependent initialisation of
+weight-normalised layers (Salimans & Kingma 2016) and LSUV (Mishkin & Matas 2016): during one forward pass every
+*gain site* -- a :class:`~lightning_msr.nn.affine.ChannelAffine` or
+:class:`~lightning_msr.nn.AutomaticGainControl` left by :func:`~lightning_msr.replace_batchnorm`, or a conv
+that no such layer follows -- sets its per-channel scale and bias so that its output has, on that batch, the
+mean and standard deviation a BatchNorm would give it (the layer's bias and ``|scale|``: 0 and 1 for a fresh
+BatchNorm). The sites are visited in the order the forward pass reaches them, so every layer is calibrated on
+the already calibrated signal of the layers before it. Afterwards the parameters are ordinary parameters again:
+the train graph is fixed and batch-independent, and nothing is recomputed.
+
+Residual networks need one more thing. The sum ``x + f(x)`` adds the variance of the branch at every block;
+BatchNorm networks live with that because every downsampling stage renormalises, normaliser-free networks scale
+the branch down (SkipInit, De & Smith 2020; Fixup, Zhang et al. 2019; NF-ResNets' ``alpha``, Brock et al.
+2021). :func:`residual_branch_ends` finds, from the model's ``torch.fx`` graph, the gain site that ends each
+residual branch (the layer torchvision's ``zero_init_residual`` zeroes), and :func:`calibrate` gives it the
+standard deviation ``residual_scale`` instead of 1.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_msr import replace_batchnorm
+    >>> from lightning_msr.calibration import calibrate
+    >>> from lightning_msr.functional import zero_mean_init_
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    >>> _ = replace_batchnorm(net)
+    >>> for conv in (net[0], net[3]):
+    ...     _ = zero_mean_init_(conv.weight, generator=torch.Generator().manual_seed(0))
+    >>> x = torch.rand(4, 3, 16, 16)
+    >>> with torch.no_grad(), calibrate(net) as report:
+    ...     y = net(x)
+    >>> len(report.calibrated), round(float(y.std()), 2)
+    (2, 1.0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import operator
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_msr._checks import _check_in_range, _check_names
+from lightning_msr.nn.affine import ChannelAffine
+from lightning_msr.nn.gain_control import AutomaticGainControl
+
+__all__ = [
+    "CalibrationReport",
+    "calibrate",
+    "gain_parameters",
+    "gain_sites",
+    "residual_branch_ends",
+    "watch_signal",
+]
+
+# Below this many values per channel (batch x spatial, summed over processes) a channel's own statistics are
+# too noisy to divide by: the layer's statistics are used for all of its channels instead.
+_MIN_PER_CHANNEL = 8
+# A channel's variance is never taken below this fraction of its layer's mean variance (dead or nearly
+# constant channels would otherwise get enormous gains).
+_VARIANCE_FLOOR = 1e-2
+# The signal check: a layer whose output RMS is this far below or above the input's is reported.
+_VANISHING, _EXPLODING = 1e-3, 1e3
+
+Reduce = Callable[[Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------------------------- sites
+def gain_parameters(module: nn.Module) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """``(scale, bias)`` of a per-channel gain layer whose output is ``scale[c] * z[:, c] + bias[c]``, else ``None``.
+
+    Gain layers are what replaces BatchNorm: :class:`~lightning_msr.nn.affine.ChannelAffine` (``weight``,
+    ``bias``), :class:`~lightning_msr.nn.AutomaticGainControl` (``gain``, ``bias``; ``z`` is the input minus
+    ``beta`` times its map mean) and convs with a folded per-output-channel ``scale``.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from lightning_msr.calibration import gain_parameters
+        >>> from lightning_msr.nn import AutomaticGainControl
+        >>> [p.shape for p in gain_parameters(AutomaticGainControl(4))], gain_parameters(nn.Conv2d(1, 1, 1))
+        ([torch.Size([4]), torch.Size([4])], None)
+    """
+    if isinstance(module, ChannelAffine):
+        return module.weight, module.bias
+    if isinstance(module, AutomaticGainControl):
+        return module.gain, module.bias
+    scale = getattr(module, "scale", None)  # folded layers: a conv computing scale[o] * conv(x)[o] + bias[o]
+    if isinstance(module, nn.modules.conv._ConvNd) and isinstance(scale, nn.Parameter) and scale.dim() == 1:
+        return scale, module.bias
+    return None
+
+
+def _is_conv(module: Optional[nn.Module]) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd)
+
+
+@dataclass(frozen=True)
+class _Site:
+    name: str
+    module: nn.Module
+    kind: str  # "gain": a per-channel scale and bias; "weight": a conv with no gain after it
+    residual: bool
+
+
+_TRANSPARENT_MODULES: tuple[type, ...] = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+_ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+
+
+def _transparent(node: Any, modules: dict[str, nn.Module]) -> bool:
+    """Nodes that pass their first input through unchanged at initialisation (identity, dropout, drop-path)."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        return isinstance(module, _TRANSPARENT_MODULES) or type(module).__name__ in ("StochasticDepth", "DropPath")
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "") in ("stochastic_depth", "drop_path", "dropout")
+    return node.op == "call_method" and node.target in ("contiguous", "clone")
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Treat gain layers (and folded convs) as leaves, like ``torch.nn``'s own modules."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return gain_parameters(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+
+def _traced_graphs(model: nn.Module, prefix: str = "", depth: int = 0) -> Iterator[tuple[str, nn.Module, Any]]:
+    """``(prefix, module, graph)`` for the largest submodules that ``torch.fx`` can trace."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _LeafTracer().trace(model)
+        yield prefix, model, graph
+        return
+    except Exception:  # not traceable as a whole (data-dependent control flow, no forward, ...): try the parts
+        pass
+    if depth > 12:
+        return
+    for name, child in model.named_children():
+        yield from _traced_graphs(child, f"{prefix}{name}.", depth + 1)
+
+
+def _ancestors(node: Any) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def _branch_ends(model: nn.Module) -> set[str]:
+    """From the fx graphs: the layers that end a residual branch (see :func:`residual_branch_ends`)."""
+    branch_ends: set[str] = set()
+    for prefix, module, graph in _traced_graphs(model):
+        modules = dict(module.named_modules())
+
+        def source(node: Any, modules: dict = modules) -> Any:
+            while _transparent(node, modules) and node.args and isinstance(node.args[0], torch.fx.Node):
+                node = node.args[0]
+            return node
+
+        def convs_in(nodes: set, modules: dict = modules) -> int:
+            return sum(
+                1 for n in nodes if n.op == "call_module" and isinstance(modules.get(n.target), nn.modules.conv._ConvNd)
+            )
+
+        for node in graph.nodes:
+            is_add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+                node.op == "call_method" and node.target in ("add", "add_")
+            )
+            inputs = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+            if not is_add or len(inputs) != 2:
+                continue
+            a, b = (source(n) for n in inputs)
+            up_a, up_b = _ancestors(a) | {a}, _ancestors(b) | {b}
+            only_a, only_b = convs_in(up_a - up_b), convs_in(up_b - up_a)
+            # the branch is the input with more convs of its own; the other one is the shortcut
+            branch, own, other = (a, only_a, only_b) if only_a > only_b else (b, only_b, only_a)
+            site = modules.get(branch.target) if branch.op == "call_module" else None
+            if own > other and site is not None and (gain_parameters(site) is not None or _is_conv(site)):
+                branch_ends.add(prefix + branch.target)
+    return branch_ends
+
+
+def residual_branch_ends(model: nn.Module) -> list[str]:
+    """Qualified names of the layers that end a residual branch: the last gain (or conv) before ``x + f(x)``.
+
+    Found from the model's ``torch.fx`` graph (submodules are traced one by one where the whole model does not
+    trace): at every addition of two tensors, the input with more convolutions of its own (not shared with the
+    other input) is the branch, the other the shortcut, and the gain layer -- or, in a normaliser-free model,
+    the conv -- that produces the branch (through dropout or drop-path) is its end. In a torchvision ResNet
+    these are the layers that ``zero_init_residual`` zeroes (``bn2`` / ``bn3``, after BatchNorm surgery).
+
+    Args:
+        model: any module; it is traced, never changed.
+
+    Example::
+
+        >>> import torchvision
+        >>> from lightning_msr import replace_batchnorm
+        >>> from lightning_msr.calibration import residual_branch_ends
+        >>> net = torchvision.models.resnet18()
+        >>> _ = replace_batchnorm(net)
+        >>> residual_branch_ends(net)[:3]
+        ['layer1.0.bn2', 'layer1.1.bn2', 'layer2.0.bn2']
+    """
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(_branch_ends(model), key=lambda n: order.get(n, len(order)))
+
+
+def _find_sites(model: nn.Module, convs: Optional[Sequence[nn.Module]], exclude: Sequence[str]) -> list[_Site]:
+    branch_ends = _branch_ends(model)
+    allowed = None if convs is None else {id(c) for c in convs}
+    sites = []
+    for name, module in model.named_modules():
+        if any(fnmatchcase(name, p) for p in exclude):
+            continue
+        if gain_parameters(module) is not None and not isinstance(module, nn.modules.conv._ConvNd):
+            sites.append(_Site(name, module, "gain", name in branch_ends))
+        elif isinstance(module, nn.modules.conv._ConvNd) and (allowed is None or id(module) in allowed):
+            # a conv that ends a branch itself (no gain after it) is scaled down; one followed by a gain is not
+            sites.append(_Site(name, module, "weight", name in branch_ends))
+    return sites
+
+
+def gain_sites(model: nn.Module, exclude: Optional[Sequence[str]] = None) -> dict[str, str]:
+    """What :func:`calibrate` would calibrate: ``{name: "gain" | "weight" | "gain, residual" | ...}``.
+
+    ``"gain"`` sites are per-channel scale-and-bias layers (``ChannelAffine``, ``AutomaticGainControl``, folded
+    convs), ``"weight"`` sites are convs that no gain layer or BatchNorm follows (their filters are scaled);
+    ``residual`` marks the end of a residual branch (see :func:`residual_branch_ends`).
+
+    Args:
+        model: the model (never changed).
+        exclude: module-name patterns (``fnmatch`` syntax) to leave out.
+
+    Example::
+
+        >>> from torch import nn
+        >>> from lightning_msr.calibration import gain_sites
+        >>> gain_sites(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)))
+        {'0': 'weight', '2': 'weight'}
+    """
+    patterns = _check_names("exclude", exclude)
+    return {s.name: s.kind + (", residual" if s.residual else "") for s in _find_sites(model, None, patterns)}
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def _channel_moments(y: Tensor, reduce: Optional[Reduce]) -> tuple[Tensor, Tensor, float]:
+    """Per-channel mean and variance of ``y`` over every dim but 1 (summed over processes by ``reduce``),
+    in float64, and the number of values per channel."""
+    y = y.detach().double()
+    dims = [d for d in range(y.dim()) if d != 1]
+    count = torch.tensor([float(y.numel() // y.shape[1])], dtype=torch.float64, device=y.device)
+    sums = torch.cat([count, y.sum(dim=dims), y.square().sum(dim=dims)])
+    if reduce is not None:
+        sums = reduce(sums)
+    channels = y.shape[1]
+    n = float(sums[0])
+    mean = sums[1 : 1 + channels] / n
+    second = sums[1 + channels :] / n
+    return mean, (second - mean.square()).clamp(min=0.0), n
+
+
+_SHRINK = float(__import__("os").environ.get("MSR_SHRINK", "64"))
+_CHANNEL_MEAN = __import__("os").environ.get("MSR_CMEAN", "1") == "1"
+
+
+def _normalising_factors(mean: Tensor, variance: Tensor, n: float) -> tuple[Tensor, Tensor]:
+    """``(1 / std, mean)`` per channel, as a BatchNorm in training mode would use them, made robust to small
+    batches: each channel's variance is shrunk towards its layer's mean variance (weight ``_SHRINK`` values
+    against the channel's ``n``), since a frozen scale that is wrong by chance is multiplied through depth."""
+    layer = variance.mean()
+    shrunk = (n * variance + _SHRINK * layer) / (n + _SHRINK) if math.isfinite(_SHRINK) else layer.expand_as(variance)
+    shrunk = shrunk.clamp(min=_VARIANCE_FLOOR * layer)
+    return shrunk.rsqrt(), (mean if _CHANNEL_MEAN else torch.zeros_like(mean))
+
+
+@dataclass
+class CalibrationReport:
+    """What one :func:`calibrate` pass did.
+
+    Attributes:
+        calibrated: names of the layers whose scale (and bias) were set, in the order they were reached.
+        residual: the subset that ends a residual branch (given ``residual_scale``).
+        failed: ``{name: why}`` for layers that could not be calibrated (no signal, non-finite values).
+        skipped: ``{name: why}`` for layers left as they are because the batch gives too few values per channel
+            (fewer than 8: e.g. the 1x1 maps of a squeeze-and-excitation gate at batch size 2).
+        rms: ``{name: RMS}`` of each layer's output after calibration, and of each ``Linear``'s input (the
+            "head"), in the order they were reached.
+        input_rms: RMS of the first input the pass saw (the data), the reference of :meth:`signal_problem`.
+
+    Example::
+
+        >>> from lightning_msr.calibration import CalibrationReport
+        >>> report = CalibrationReport(rms={"conv1": 1.0, "fc": 1e-9}, input_rms=1.0)
+        >>> report.signal_problem()
+        ('fc', 1e-09, 'vanishes')
+    """
+
+    calibrated: list[str] = field(default_factory=list)
+    residual: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    rms: dict[str, float] = field(default_factory=dict)
+    input_rms: Optional[float] = None
+
+    def signal_problem(self) -> Optional[tuple[str, float, str]]:
+        """``(layer, rms, "vanishes" | "explodes")`` for the first layer whose signal is more than 1000x below or
+        above the input's (or not finite), else ``None``."""
+        ref = self.input_rms if self.input_rms and math.isfinite(self.input_rms) else 1.0
+        for name, value in self.rms.items():
+            if name in self.residual:
+                continue  # scaled down on purpose (``residual_scale``)
+            if not math.isfinite(value) or value > _EXPLODING * ref:
+                return name, value, "explodes"
+            if value < _VANISHING * ref:
+                return name, value, "vanishes"
+        return None
+
+
+def _rms(t: Any) -> Optional[float]:
+    if not isinstance(t, Tensor) or not t.is_floating_point() or t.numel() == 0:
+        return None
+    return float(t.detach().double().square().mean().sqrt())
+
+
+class _Skip(str):
+    """A reason to leave a layer as it is that is not a failure."""
+
+
+def _no_signal(mean: Tensor, variance: Tensor, n: float) -> Optional[str]:
+    """Why a layer's output cannot (or should not) be normalised, or ``None``."""
+    if not (torch.isfinite(mean).all() and torch.isfinite(variance).all()):
+        return "its output is not finite"
+    if n < _MIN_PER_CHANNEL:
+        # e.g. the 1x1 convs of a squeeze-and-excitation gate at batch 2: a scale frozen from so few values is
+        # mostly noise, and BatchNorm networks do not normalise these layers either
+        return _Skip(f"only {n:g} values per channel")
+    if float(variance.max()) == 0.0:
+        return "its output is constant: no signal reaches it"
+    return None
+
+
+@torch.no_grad()
+def _calibrate_gain(module: nn.Module, y: Tensor, target: float, reduce: Optional[Reduce]) -> Optional[str]:
+    """Set ``scale``/``bias`` of a gain layer whose current output is ``y``; returns why not, if it could not."""
+    scale, bias = gain_parameters(module)  # type: ignore[misc]
+    mean, variance, n = _channel_moments(y, reduce)
+    if bool((scale == 0).all()):
+        return None  # a gain the user (or zero_init_residual) set to zero stays zero
+    why = _no_signal(mean, variance, n)
+    if why:
+        return why
+    inv_std, mean = _normalising_factors(mean, variance, n)
+    # y = s * z + b  ->  y' = f * (y - mean_y) + b with f = target * |s| / std_y, i.e. s' = f * s and
+    # b' = b - f * (mean_y - b): output mean b and standard deviation target * |s|, as BatchNorm would give
+    old_scale = scale.detach().double()
+    old_bias = bias.detach().double() if bias is not None else torch.zeros_like(mean)
+    factor = target * old_scale.abs() * inv_std
+    scale.copy_((old_scale * factor).to(scale.dtype))
+    if bias is not None:
+        bias.copy_((old_bias - factor * (mean - old_bias)).to(bias.dtype))
+    return None
+
+
+def _scale_output_channels_(module: nn.modules.conv._ConvNd, factor: Tensor) -> None:
+    """Multiply every output channel's filter of a conv (``ConvTransposeNd`` included) by ``factor[o]``."""
+    weight = module.weight
+    if not module.transposed:  # (out, in / groups, *k)
+        weight.mul_(factor.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
+        return
+    # (in, out / groups, *k): output channel j * out_g + r of group j reads weight[j * in_g:(j + 1) * in_g, r]
+    groups = module.groups
+    view = weight.view(groups, weight.shape[0] // groups, weight.shape[1], -1)
+    view.mul_(factor.view(groups, 1, weight.shape[1], 1).to(weight.dtype))
+
+
+@torch.no_grad()
+def _calibrate_weight(module: nn.Module, y: Tensor, target: float, reduce: Optional[Reduce]) -> Optional[str]:
+    """Scale each output filter of a conv (and shift its bias) so that its output has std ``target``, mean 0,
+    as a BatchNorm in training mode would normalise it."""
+    mean, variance, n = _channel_moments(y, reduce)
+    why = _no_signal(mean, variance, n)
+    if why:
+        return why
+    inv_std, mean = _normalising_factors(mean, variance, n)
+    factor = inv_std * target
+    _scale_output_channels_(module, factor)
+    if module.bias is not None:
+        module.bias.copy_(((module.bias.double() - mean) * factor).to(module.bias.dtype))
+    return None
+
+
+@contextlib.contextmanager
+def calibrate(
+    model: nn.Module,
+    *,
+    residual_scale: float = 0.0,
+    convs: Optional[Sequence[nn.Module]] = None,
+    exclude: Optional[Sequence[str]] = None,
+    reduce: Optional[Reduce] = None,
+) -> Iterator[CalibrationReport]:
+    """Calibrate ``model`` on the next forward pass run inside the ``with`` block, as BatchNorm would start it.
+
+    Just before it runs for the first time, every conv (of ``convs``) computes its output on the batch and scales
+    each output filter (and shifts its bias) so that the output channel has mean 0 and standard deviation 1 --
+    what a BatchNorm in training mode would make of it. Every per-channel gain layer after it (see
+    :func:`gain_sites`) then corrects what is left, e.g. the share of the signal that Deep Control's mean
+    subtraction removes: its output gets mean = its bias and standard deviation = ``|scale|`` (a fresh
+    BatchNorm's 0 and 1; a scale set to 0 stays 0). The end of every residual branch gets standard deviation
+    ``residual_scale`` times that (0: the block starts as the identity, SkipInit).
+
+    The scale is put in the *filters*, not in the gains, on purpose: a conv then sees the gradient a BatchNorm
+    network would give it at this point (BatchNorm divides the gradient by the same standard deviation that it
+    divides the output by), whereas a unit-norm filter followed by a large gain would get its gradient
+    multiplied by that gain and take steps far too large for its norm.
+
+    Statistics are per channel, over the batch and the spatial dims, in float64, summed over processes by
+    ``reduce``; layers with fewer than 8 values per channel are left as they are. Parameters are changed in place
+    *before* they are used, so the pass computes with the calibrated model and its gradients are exact: it can
+    be the first training step. Each layer is calibrated once; the hooks are removed when the block exits.
+    Filters are only scaled, so zero-mean kernels stay zero-mean.
+
+    Args:
+        model: the model; its parameters are changed in place.
+        residual_scale: standard deviation of each residual branch's end relative to the others, in ``[0, 1]``.
+        convs: the convs whose filters are scaled (default: every conv); gain layers are always calibrated.
+        exclude: module-name patterns (``fnmatch`` syntax) left alone.
+        reduce: sums a float64 tensor over processes (e.g. an all-reduce), so every rank computes the same
+            calibration from the global batch; ``None`` for one process.
+
+    Yields:
+        A :class:`CalibrationReport`, filled in as the forward pass runs.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_msr.calibration import calibrate
+        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
+        >>> with torch.no_grad(), calibrate(net) as report:
+        ...     y = net(torch.rand(8, 3, 12, 12) * 50)
+        >>> report.calibrated, round(float(y.std(dim=(0, 2, 3)).mean()), 2)
+        (['0', '2'], 1.0)
+    """
+    residual_scale = _check_in_range("residual_scale", residual_scale, 0.0, 1.0)
+    patterns = _check_names("exclude", exclude)
+    report = CalibrationReport()
+    sites = _find_sites(model, convs, patterns)
+    handles: list[RemovableHandle] = []
+
+    def calibrator(site: _Site, handle_box: list) -> Callable:
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            handle_box[0].remove()  # once
+            if not args or not isinstance(args[0], Tensor):
+                report.failed[site.name] = "its input is not a tensor"
+                return
+            if report.input_rms is None:
+                report.input_rms = _rms(args[0])
+            target = residual_scale if site.residual else 1.0
+            with torch.no_grad():
+                y = module.forward(*args) if target > 0 else None  # no hooks
+                if site.kind == "gain":
+                    why = _calibrate_gain(module, y, target, reduce) if y is not None else _zero_gain(module)
+                else:
+                    why = _calibrate_weight(module, y, target, reduce) if y is not None else _zero_filters(module)
+            if isinstance(why, _Skip):
+                report.skipped[site.name] = str(why)
+            elif why is None:
+                report.calibrated.append(site.name)
+                if site.residual:
+                    report.residual.append(site.name)
+            else:
+                report.failed[site.name] = why
+
+        return pre_hook
+
+    try:
+        for site in sites:
+            box: list = [None]
+            box[0] = site.module.register_forward_pre_hook(calibrator(site, box))
+            handles.append(box[0])
+        with watch_signal(model, report, [s.name for s in sites]):
+            yield report
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def watch_signal(
+    model: nn.Module, report: Optional[CalibrationReport] = None, layers: Optional[Sequence[str]] = None
+) -> Iterator[CalibrationReport]:
+    """Record the RMS of the signal on the next forward pass: each layer's output and each ``Linear``'s input.
+
+    A read-only check (nothing is changed): :meth:`CalibrationReport.signal_problem` then names the first layer
+    where the signal vanishes or explodes.
+
+    Args:
+        model: the model to watch.
+        report: a report to fill in (a new one by default).
+        layers: names of the layers whose output is recorded (default: every gain layer and conv).
+
+    Yields:
+        The :class:`CalibrationReport` being filled in (``rms`` and ``input_rms``).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_msr.calibration import watch_signal
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.Flatten(), nn.Linear(576, 2))
+        >>> with torch.no_grad(): _ = net[0].weight.mul_(1e-6)
+        >>> with torch.no_grad(), watch_signal(net) as report:
+        ...     _ = net(torch.randn(2, 1, 14, 14))
+        >>> report.signal_problem()[0]
+        '0'
+    """
+    report = CalibrationReport() if report is None else report
+    if layers is None:
+        layers = [n for n, m in model.named_modules() if gain_parameters(m) is not None or _is_conv(m)]
+    wanted = set(layers)
+    handles: list[RemovableHandle] = []
+
+    def hook(name: str, head: bool) -> Callable:
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            if report.input_rms is None and args:
+                report.input_rms = _rms(args[0])
+            value = _rms(args[0] if head else output)
+            if value is not None and name not in report.rms:
+                report.rms[name] = value
+
+        return record
+
+    try:
+        for name, module in model.named_modules():
+            if name in wanted or isinstance(module, nn.Linear):
+                handles.append(module.register_forward_hook(hook(name, isinstance(module, nn.Linear))))
+        yield report
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def _zero_gain(module: nn.Module) -> None:
+    scale, _ = gain_parameters(module)  # type: ignore[misc]
+    scale.zero_()
+
+
+@torch.no_grad()
+def _zero_filters(module: nn.Module) -> None:
+    module.weight.zero_()

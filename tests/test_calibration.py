@@ -1,0 +1,303 @@
+"""lightning_msr.calibration: BatchNorm's signal at initialisation, residual branches, the first-batch check."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torchvision
+from helpers import ConvNet, WeightRecorder, loader, trainer
+from torch import nn
+
+from lightning_msr import MeanShiftRejection, MSRConfigurationError, MSRWarning, replace_batchnorm
+from lightning_msr.calibration import calibrate, gain_sites, residual_branch_ends, watch_signal
+from lightning_msr.functional import adaptive_clip_, eligible_weights, mean_shift, zero_mean_init_
+from lightning_msr.nn import AutomaticGainControl
+from lightning_msr.nn.affine import ChannelAffine
+
+
+def _zero_mean(model: nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for w in eligible_weights(model):
+        if w.centrable:
+            zero_mean_init_(w.parameter, 1.0, generator, **w.layout_kwargs())
+
+
+def _smooth_images(n: int = 8, size: int = 32, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    """Low-frequency images (a blurred random field plus an offset), on which zero-mean kernels pass little."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, size // 4, size // 4, generator=g)
+    return nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False) + 2.0
+
+
+def _stack(depth: int, gains: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    cin = 3
+    for _ in range(depth):
+        layers += [nn.Conv2d(cin, 8, 3, bias=not gains)]
+        if gains:
+            layers.append(ChannelAffine(8))
+        layers.append(nn.ReLU())
+        cin = 8
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("gains", [False, True])
+def test_calibration_gives_every_layer_batchnorm_statistics(gains):
+    torch.manual_seed(0)
+    net = _stack(6, gains)
+    _zero_mean(net)
+    x = _smooth_images()
+    with torch.no_grad():
+        before = net(x)
+        with calibrate(net) as report:
+            during = net(x)
+        after = net(x)
+    assert before.std() < 0.1  # zero-mean kernels of unit norm on smooth images pass little of the signal
+    torch.testing.assert_close(during, after)  # the pass itself already used the calibrated parameters
+    sites = [f"{i}" for i, m in enumerate(net) if isinstance(m, (nn.Conv2d, ChannelAffine))]
+    assert report.calibrated == sites
+    pre_activation = net[:-1](x)  # the last conv's (or gain's) output, before the ReLU
+    std = pre_activation.std(dim=(0, 2, 3))
+    mean = pre_activation.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(std, torch.ones_like(std), rtol=0.2, atol=0.0)  # shrunk towards the layer's std
+    torch.testing.assert_close(mean, torch.zeros_like(mean), rtol=0.0, atol=1e-4)
+    for conv in (m for m in net if isinstance(m, nn.Conv2d)):  # filters were only scaled
+        assert float(mean_shift(conv.weight)) < 1e-6
+    if gains:  # the scale went into the filters; the fresh gains stay at BatchNorm's 1
+        for gain in (m for m in net if isinstance(m, ChannelAffine)):
+            torch.testing.assert_close(gain.weight, torch.ones(8), rtol=0.05, atol=0.0)
+
+
+def test_calibration_pass_gives_exact_gradients():
+    torch.manual_seed(0)
+    net = _stack(3, gains=True)
+    _zero_mean(net)
+    x = _smooth_images()
+    with calibrate(net):
+        net(x).square().mean().backward()
+    first = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    net(x).square().mean().backward()
+    for name, param in net.named_parameters():
+        torch.testing.assert_close(first[name], param.grad, msg=name)
+
+
+def test_zero_scale_stays_zero_and_deep_control_is_corrected():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), AutomaticGainControl(4), nn.ReLU(), nn.Conv2d(4, 4, 3), ChannelAffine(4))
+    _zero_mean(net)
+    with torch.no_grad():
+        net[4].weight[1] = 0.0  # e.g. zero_init_residual
+        with calibrate(net) as report:
+            y = net(_smooth_images())
+    assert report.calibrated == ["0", "1", "3", "4"]
+    assert float(net[4].weight[1].detach()) == 0.0
+    kept = y[:, [0, 2, 3]].std(dim=(0, 2, 3))
+    torch.testing.assert_close(kept, torch.ones(3), rtol=0.2, atol=0.0)
+    # the mean subtraction of Deep Control removed part of the signal; its gain put it back
+    agc_out = net[:2](_smooth_images())
+    assert 0.8 < float(agc_out.std(dim=(0, 2, 3)).mean()) < 1.2
+
+
+def test_reduce_sums_statistics_over_processes():
+    torch.manual_seed(0)
+    a = _stack(3, gains=True)
+    _zero_mean(a)
+    b = copy.deepcopy(a)
+    x = _smooth_images()
+    with torch.no_grad():
+        with calibrate(a, reduce=lambda t: t * 2):  # "two ranks with the same batch"
+            a(x)
+        with calibrate(b):
+            b(torch.cat([x, x]))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_tiny_maps_are_left_alone():
+    gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(3, 4, 1))
+    before = gate[1].weight.detach().clone()
+    with torch.no_grad(), calibrate(gate) as report:
+        gate(_smooth_images(n=2))
+    assert report.skipped == {"1": "only 2 values per channel"} and not report.calibrated
+    torch.testing.assert_close(gate[1].weight, before, rtol=0, atol=0)
+
+
+def test_a_layer_without_signal_is_reported():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), AutomaticGainControl(4))
+    with torch.no_grad(), calibrate(net) as report:  # 3x3 input, 3x3 kernel: 1x1 maps, beta = 1 removes all
+        net(torch.randn(16, 3, 3, 3))
+    assert "1" in report.failed and "constant" in report.failed["1"]
+
+
+def _resnet_ends(model: nn.Module) -> list[str]:
+    ends = []
+    for name, module in model.named_modules():
+        if isinstance(module, torchvision.models.resnet.Bottleneck):
+            ends.append(f"{name}.bn3")
+        elif isinstance(module, torchvision.models.resnet.BasicBlock):
+            ends.append(f"{name}.bn2")
+    return ends
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_residual_branch_ends_are_what_zero_init_residual_zeroes(arch):
+    net = torchvision.models.get_model(arch, num_classes=10)
+    expected = _resnet_ends(net)
+    replace_batchnorm(net)
+    assert residual_branch_ends(net) == expected
+    sites = gain_sites(net)
+    assert sites["layer1.0.bn2" if arch == "resnet18" else "layer1.0.bn3"] == "gain, residual"
+    assert sites["layer1.0.downsample.1" if arch == "resnet50" else "bn1"] == "gain"  # shortcuts and the stem
+
+
+def test_inverted_residuals_and_normaliser_free_branches():
+    net = torchvision.models.mobilenet_v2(num_classes=10)
+    replace_batchnorm(net)
+    ends = residual_branch_ends(net)
+    with_shortcut = [n for n, m in net.named_modules() if getattr(m, "use_res_connect", False)]
+    assert ends == [f"{n}.conv.3" for n in with_shortcut]
+
+    class Free(nn.Module):  # no gain layers at all: the conv ending the branch is the site
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + nn.functional.dropout(self.b(torch.relu(self.a(x))), 0.1, self.training)
+
+    assert residual_branch_ends(nn.Sequential(nn.Conv2d(3, 4, 1), Free())) == ["1.b"]
+
+
+def test_untraceable_models_are_traced_by_parts():
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torchvision.models.resnet18(num_classes=10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this module
+                x = x * 1.0
+            return self.body(x)
+
+    net = Untraceable()
+    replace_batchnorm(net)
+    assert residual_branch_ends(net) == ["body." + n for n in _resnet_ends(net.body)]
+
+
+def test_residual_scale_sets_the_branch_end():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10)
+    replace_batchnorm(net)
+    _zero_mean(net)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), calibrate(net, residual_scale=0.0) as report:
+        net(x)
+    assert report.residual == _resnet_ends(net) and set(report.residual) <= set(report.calibrated)
+    assert all(float(net.get_submodule(n).weight.abs().max()) == 0.0 for n in report.residual)
+    with pytest.raises(MSRConfigurationError, match="Expected `residual_scale` to be in \\[0, 1\\]"):
+        with calibrate(net, residual_scale=2.0):
+            pass
+
+
+def _vanishing(depth: int = 4) -> nn.Sequential:
+    """A conv stack whose weights shrink the signal 100x per layer (from the second layer on)."""
+    torch.manual_seed(0)
+    net = _stack(depth, gains=False)
+    with torch.no_grad():
+        for conv in list(net)[2::2]:
+            conv.weight.mul_(1e-2)
+            conv.bias.zero_()
+    return net
+
+
+def test_watch_signal_names_where_it_vanishes():
+    net = _vanishing()
+    with torch.no_grad(), watch_signal(net) as report:
+        net(_smooth_images())
+    assert report.signal_problem() == ("2", report.rms["2"], "vanishes")  # the second conv: 1e-2 x 5e-2
+
+
+# ----------------------------------------------------------------------------------------------- the callback
+def test_callback_calibrates_once_on_the_first_batch(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet("sgd_momentum")
+    callback = MeanShiftRejection(adaptive_clip=None)
+    recorder = WeightRecorder()
+    trainer(tmp_path, max_steps=2, callbacks=[callback, recorder]).fit(model, loader(16, batch_size=8))
+    calibrated = {n: p.detach().clone() for n, p in model.named_parameters()}
+    norms = model.features[0].weight.flatten(1).norm(dim=1)
+    assert not torch.allclose(norms, torch.ones_like(norms))  # the filters carry the calibrated scale
+    assert float(callback.current_mean_shift()) < 1e-5
+    # a second fit of the same model neither redraws nor recalibrates
+    trainer(tmp_path, max_steps=0, callbacks=[callback]).fit(model, loader(16, batch_size=8))
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, calibrated[name], rtol=0, atol=0)
+
+
+def test_callback_warns_about_a_vanishing_signal_it_did_not_calibrate(tmp_path):
+    class Deep(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(_vanishing(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.TensorDataset(_smooth_images(16), torch.randint(0, 3, (16,)))
+    with pytest.warns(MSRWarning, match=r"the signal vanishes at 'net\.0\.2'.*`calibrate=True`"):
+        trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(init="none")]).fit(
+            Deep(), torch.utils.data.DataLoader(data, batch_size=8)
+        )
+
+
+def test_paper_settings_are_reachable(tmp_path):
+    """The paper's method exactly: unit-norm zero-mean kernels, projected gradients, nothing else."""
+    L.seed_everything(0)
+    model = ConvNet("sgd_momentum")
+    recorder = WeightRecorder()
+    paper = MeanShiftRejection(init_magnitude=1.0, calibrate=False, adaptive_clip=None)
+    trainer(tmp_path, max_steps=1, callbacks=[paper, recorder]).fit(model, loader(8, batch_size=8))
+    first = recorder.at_fit_start["features.0.weight"]
+    torch.testing.assert_close(first.flatten(1).norm(dim=1), torch.ones(8))
+
+
+def test_adaptive_clip_bounds_every_unit_and_keeps_zero_mean():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 3, 3, 3))
+    w.grad = torch.randn(6, 3, 3, 3) * torch.tensor([100.0, 1e-3, 100.0, 1e-3, 100.0, 1e-3]).view(-1, 1, 1, 1)
+    w.grad -= w.grad.mean(dim=(2, 3), keepdim=True)
+    gain = nn.Parameter(torch.tensor([1.0, 0.0]))
+    gain.grad = torch.tensor([5.0, 5.0])
+    before = w.grad.clone()
+    adaptive_clip_([w, gain], clip=0.1)
+    ratio = w.grad.flatten(1).norm(dim=1) / w.detach().flatten(1).norm(dim=1)
+    assert bool((ratio <= 0.1 + 1e-6).all())
+    torch.testing.assert_close(w.grad[1::2], before[1::2])  # small gradients untouched
+    assert float(w.grad.mean(dim=(2, 3)).abs().max()) < 1e-6
+    torch.testing.assert_close(gain.grad, torch.tensor([0.1, 1e-4]))  # a zero gain still moves (eps)
+    with pytest.raises(MSRConfigurationError, match="Expected `clip` to be a finite positive number"):
+        adaptive_clip_([w], clip=0.0)
+
+
+def test_adaptive_clip_in_the_callback(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet("sgd")
+    recorder = WeightRecorder()
+    trainer(tmp_path, max_steps=1, callbacks=[MeanShiftRejection(adaptive_clip=1e-3), recorder]).fit(
+        model, loader(8, batch_size=8)
+    )
+    grad = recorder.grads[0]["features.0.weight"]
+    weight = model.features[0].weight.detach()  # after a step of at most lr * 1e-3 of its norm
+    assert bool((grad.flatten(1).norm(dim=1) <= 1e-3 * weight.flatten(1).norm(dim=1) * (1 + 1e-3)).all())
+    head = recorder.grads[0]["head.weight"]
+    assert float(head.norm()) > 1e-3 * float(model.head.weight.norm())  # the Linear head is not clipped
+    with pytest.raises(MSRConfigurationError, match="adaptive_clip"):
+        MeanShiftRejection(adaptive_clip=-1.0)
