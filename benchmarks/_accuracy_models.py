@@ -517,6 +517,9 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "conv_lr": float,
     "clip": float,
     "unit_clip": float,
+    "calibrate": lambda v: _flag("calibrate", v),
+    "residual_scale": float,
+    "adaptive_clip": lambda v: None if v.lower() == "none" else float(v),
 }
 
 
@@ -557,7 +560,7 @@ def build(spec: MethodSpec, task: Task, seed: int, arch: str = "vgg") -> tuple[n
     model = make_model(arch, task, norm)
     callbacks: list = []
     if msr:
-        names = ("init_magnitude", "alpha", "mode", "keep_magnitude")
+        names = ("init_magnitude", "alpha", "mode", "keep_magnitude", "calibrate", "residual_scale", "adaptive_clip")
         kwargs = {k: spec.options[k] for k in names if k in spec.options}
         if "msr_exclude" in spec.options:  # e.g. "model.0" keeps the first conv free to see the input's mean
             kwargs["exclude"] = spec.options["msr_exclude"].split("|")
@@ -604,24 +607,6 @@ def _lsuv(model: nn.Module, task: Task, seed: int, magnitude: float, mode: int) 
         c.weight.mul_(scale.view(-1, 1, 1, 1) if mode == 2 else scale)
         if c.bias is not None:
             c.bias.mul_(scale)
-
-
-@torch.no_grad()
-def unitwise_clip_(params: list[Tensor], clipping: float, eps: float = 1e-3) -> None:
-    """Adaptive gradient clipping, unit-wise (NFNets, Brock et al. 2021), in place on ``p.grad``.
-
-    For every output unit (row of a weight: a conv filter, a linear row; a bias or scale vector element-wise)
-    the gradient is scaled down to at most ``clipping * max(||w_unit||, eps)``. Scaling a whole filter keeps the
-    mean of each of its kernels, so it commutes with Mean Shift Rejection's projection.
-    """
-    for p in params:
-        if p.grad is None:
-            continue
-        dims = tuple(range(1, p.dim()))
-        w_norm = torch.linalg.vector_norm(p, dim=dims, keepdim=True) if dims else p.abs()
-        g_norm = torch.linalg.vector_norm(p.grad, dim=dims, keepdim=True) if dims else p.grad.abs()
-        max_norm = w_norm.clamp_min(eps) * clipping
-        p.grad.mul_(torch.where(g_norm > max_norm, max_norm / g_norm.clamp_min(1e-6), torch.ones_like(g_norm)))
 
 
 def has_norm_layer(model: nn.Module) -> bool:

@@ -43,6 +43,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_msr.functional import adaptive_clip_
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _accuracy_models import (
     ARCHS,
@@ -54,7 +56,6 @@ from _accuracy_models import (
     build,
     has_norm_layer,
     parse_method,
-    unitwise_clip_,
 )
 
 FIELDS = [
@@ -130,7 +131,7 @@ class Classifier(L.LightningModule):
         if self.unit_clip:  # NFNets' AGC on every parameter but the classifier's (as Brock et al. recommend)
             head = [m for m in self.model.modules() if isinstance(m, nn.Linear)][-1:]
             skip = {id(p) for m in head for p in m.parameters()}
-            unitwise_clip_([p for p in self.model.parameters() if id(p) not in skip], self.unit_clip)
+            adaptive_clip_([p for p in self.model.parameters() if id(p) not in skip], self.unit_clip)
 
     def on_train_epoch_start(self) -> None:
         self._sum, self._count = 0.0, 0
@@ -509,7 +510,8 @@ def _protocol(rows: list[dict]) -> list[str]:
     lines += [f"    * `{b}`: {METHOD_NOTES.get(b, '')}" for b in bases]
     lines += [
         "    * `name[key=value,...]`: the method with changed settings (`init_magnitude`, `alpha`, `mode`, "
-        "`keep_magnitude` of `MeanShiftRejection`; `noise_scale`, `noise_shift`, `noise_schedule` and "
+        "`keep_magnitude`, `calibrate`, `residual_scale`, `adaptive_clip` (`none`: off) of `MeanShiftRejection`; "
+        "`noise_scale`, `noise_shift`, `noise_schedule` and "
         "`noise_position` (`conv`: conv outputs, `affine`: after the per-channel affine, `relu`: after the "
         "activation) of `NoiseInjection`; `warmup`: fraction of the steps with linear LR warm-up; `clip`: the "
         "Trainer's `gradient_clip_val` (norm); `unit_clip`: NFNets' unit-wise adaptive gradient clipping with "

@@ -359,29 +359,28 @@ def test_old_csv_gets_the_new_columns_without_losing_rows(tmp_path):
     assert accuracy._key(accuracy.read_rows(old)[0]) == ("digits", "vgg", 1437, "batchnorm", 32, 0.1, 0, 15)
 
 
-def test_unitwise_clip_bounds_each_units_gradient_by_its_weight_norm():
+def test_unit_clip_and_the_calibration_options_reach_the_run():
     import torch
 
-    models, _ = _bench_modules()
-    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.3, 0.4]]))  # unit norms 5, 0 (-> eps), 0.5
-    w.grad = torch.tensor([[30.0, 40.0], [1.0, 0.0], [0.003, 0.004]])  # 50, 1, 0.005
-    models.unitwise_clip_([w], clipping=0.1, eps=1e-3)
-    torch.testing.assert_close(w.grad.norm(dim=1), torch.tensor([0.5, 1e-4, 0.005]))  # clipped, clipped, kept
-    torch.testing.assert_close(w.grad[0] / w.grad[0].norm(), torch.tensor([0.6, 0.8]))  # direction kept
-    # reaches the run: the Classifier clips before every optimizer step, the classifier layer excepted
-    _, accuracy = _bench_modules()
+    models, accuracy = _bench_modules()
+    from lightning_msr import MeanShiftRejection
+
     task = models.load_digits_task(max_train=64)
-    model, _, overrides = models.build(models.parse_method("msr[unit_clip=0.02]"), task, seed=0)
+    spec = models.parse_method("msr_replace_noise[calibrate=false,residual_scale=1,adaptive_clip=none]")
+    (msr, _) = models.build(spec, task, seed=0)[1]
+    assert isinstance(msr, MeanShiftRejection)
+    assert "calibrate=False" in repr(msr) and "residual_scale=1.0" in repr(msr) and "adaptive_clip=None" in repr(msr)
+    # unit_clip: the Classifier clips (lightning_msr.functional.adaptive_clip_) before every optimizer step,
+    # every parameter but the classifier layer's
+    model, _, overrides = models.build(models.parse_method("batchnorm[unit_clip=0.02]"), task, seed=0)
     assert overrides == {"unit_clip": 0.02}
     module = accuracy.Classifier(model, lr=0.1, total_steps=1, unit_clip=overrides["unit_clip"])
     for p in model.parameters():
         p.grad = torch.full_like(p, 100.0)
     module.on_before_optimizer_step(None)
     conv, head = model[0], model[-1]
-    assert (
-        float(conv.weight.grad.flatten(1).norm(dim=1).max())
-        <= 0.02 * float(conv.weight.detach().flatten(1).norm(dim=1).max()) + 1e-6
-    )
+    w_norm = conv.weight.detach().flatten(1).norm(dim=1)
+    torch.testing.assert_close(conv.weight.grad.flatten(1).norm(dim=1), 0.02 * w_norm)
     assert torch.equal(head.weight.grad, torch.full_like(head.weight, 100.0))
 
 
