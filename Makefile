@@ -35,7 +35,7 @@ test: $(VENV)/.installed-test
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-## make benchmarks: the Fashion-MNIST accuracy sweep (VGG + ResNet-20; about 2 hours on 2 cores). The data comes from
+## make benchmarks: the Fashion-MNIST accuracy sweep (VGG + ResNet-20; many hours on a shared 2-core CPU, resumable). The data comes from
 ## Debian's package: `apt-get install -y dataset-fashion-mnist`; without it pass BENCH_ARGS=--download (torchvision).
 BENCH_ARGS ?=
 benchmarks: $(VENV)/.installed-examples
