@@ -35,6 +35,14 @@ test: $(VENV)/.installed-test
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+## make benchmarks: the Fashion-MNIST accuracy sweep (VGG + ResNet-20; many hours on a shared 2-core CPU, resumable). The data comes from
+## Debian's package: `apt-get install -y dataset-fashion-mnist`; without it pass BENCH_ARGS=--download (torchvision).
+BENCH_ARGS ?=
+benchmarks: $(VENV)/.installed-examples
+	$(PY) benchmarks/accuracy.py --dataset fashion_mnist --arch vgg resnet20 --batch-sizes 128 8 --epochs 2 \
+		--train-size 5000 --test-size 5000 --lrs 0.025 0.05 0.1 0.2 --seeds 0 1 \
+		--methods batchnorm "batchnorm[clip=1.0]" groupnorm frn msr_replace_noise $(BENCH_ARGS)
+
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check .
 

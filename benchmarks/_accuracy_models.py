@@ -1,14 +1,17 @@
 """Data sets, the network family and the method registry of ``benchmarks/accuracy.py``.
 
-Everything here ships without a download: scikit-learn's digits are embedded in the package, and the
-``shapes`` task is generated procedurally from a seed.
+scikit-learn's digits are embedded in its package and the ``shapes`` task is generated procedurally from a seed;
+Fashion-MNIST is read by torchvision's loader from the four idx files (Debian's ``dataset-fashion-mnist`` package,
+a folder given with ``--data-dir``, or torchvision's download), see :func:`fashion_mnist_root`.
 """
 
 from __future__ import annotations
 
-import inspect
+import gzip
 import math
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -28,6 +31,7 @@ class Task:
     y_test: Tensor
     num_classes: int
     widths: tuple[int, ...] = (16, 32, 64)
+    augment: int = 0  # > 0: random crop with this zero padding + horizontal flip of every training batch
 
     @property
     def image_size(self) -> int:
@@ -161,10 +165,131 @@ def _subsample(task: Task, max_train: Optional[int]) -> Task:
         task.y_test[:n_test],
         task.num_classes,
         task.widths,
+        task.augment,
     )
 
 
-TASKS: dict[str, Callable[..., Task]] = {"digits": load_digits_task, "shapes": load_shapes_task}
+# Debian's dataset-fashion-mnist package installs the four idx files here
+FASHION_MNIST_PACKAGE_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "lightning_msr" / "datasets"
+# per-pixel statistics of the Fashion-MNIST training set, to standardise the inputs
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+
+
+def _has_idx_files(folder: Path) -> bool:
+    return all((folder / n).exists() or (folder / f"{n}.gz").exists() for n in FASHION_MNIST_FILES)
+
+
+def prepare_fashion_mnist_root(source: Path, cache_dir: Path) -> Path:
+    """Lay out the idx files of ``source`` (plain or ``.gz``) as torchvision expects: ``<root>/FashionMNIST/raw/``.
+
+    ``source`` is a folder holding the four files, e.g. Debian's ``/usr/share/datasets/fashion-mnist``; they are
+    unpacked (or copied) once into ``cache_dir/FashionMNIST/raw/`` and ``cache_dir`` is returned as the root.
+    """
+    raw = cache_dir / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in FASHION_MNIST_FILES:
+        target = raw / name
+        if target.exists():
+            continue
+        tmp = raw / f".{name}.partial"
+        if (source / name).exists():
+            shutil.copyfile(source / name, tmp)
+        else:
+            with gzip.open(source / f"{name}.gz", "rb") as src, tmp.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+        tmp.replace(target)  # never leave a half-written file where torchvision looks
+    return cache_dir
+
+
+def fashion_mnist_root(
+    data_dir: Optional[Path] = None, cache_dir: Path = DEFAULT_CACHE_DIR, download: bool = False
+) -> Path:
+    """The root to pass to ``torchvision.datasets.FashionMNIST``, found in this order:
+
+    1. ``data_dir`` if given: either a torchvision root (holding ``FashionMNIST/raw/``) or a folder with the four
+       idx files (plain or ``.gz``), which are unpacked into ``cache_dir``;
+    2. the Debian package's folder (``apt-get install dataset-fashion-mnist``), unpacked into ``cache_dir``;
+    3. ``cache_dir`` itself if it already holds the files (an earlier run);
+    4. with ``download=True``, ``cache_dir`` (torchvision downloads the files there).
+
+    Otherwise a ``FileNotFoundError`` says both ways to get the data.
+    """
+    if data_dir is not None:
+        data_dir = Path(data_dir)
+        if _has_idx_files(data_dir / "FashionMNIST" / "raw"):
+            return data_dir
+        if _has_idx_files(data_dir):
+            return prepare_fashion_mnist_root(data_dir, cache_dir)
+        raise FileNotFoundError(
+            f"Expected `--data-dir` to hold the four Fashion-MNIST idx files {list(FASHION_MNIST_FILES)} (plain or "
+            f".gz) or a torchvision root with them in FashionMNIST/raw/, but {str(data_dir)!r} has neither."
+        )
+    if _has_idx_files(FASHION_MNIST_PACKAGE_DIR):
+        return prepare_fashion_mnist_root(FASHION_MNIST_PACKAGE_DIR, cache_dir)
+    if _has_idx_files(cache_dir / "FashionMNIST" / "raw") or download:
+        return cache_dir
+    raise FileNotFoundError(
+        "Fashion-MNIST is not installed. Either install Debian's package (`apt-get install -y "
+        f"dataset-fashion-mnist`, which puts the idx files in {FASHION_MNIST_PACKAGE_DIR}), or pass `--download` "
+        f"to let torchvision download them into {cache_dir} (`--cache-dir`); `--data-dir DIR` reads them from DIR."
+    )
+
+
+def load_fashion_mnist_task(
+    max_train: Optional[int] = None,
+    train_size: Optional[int] = None,
+    test_size: Optional[int] = None,
+    data_dir: Optional[Path] = None,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    download: bool = False,
+) -> Task:
+    """Fashion-MNIST (28x28 grey, 10 classes) through ``torchvision.datasets.FashionMNIST``, standardised.
+
+    ``train_size`` / ``test_size`` take a fixed random subset (seed 0, the same for every method and run) of the
+    60k training and 10k test images. Training batches get the usual light augmentation (random crop with
+    padding 2, horizontal flip).
+    """
+    from torchvision.datasets import FashionMNIST
+
+    root = fashion_mnist_root(data_dir, cache_dir, download)
+    parts = []
+    for train, size in ((True, train_size), (False, test_size)):
+        ds = FashionMNIST(str(root), train=train, download=download)
+        x = (ds.data.float().div(255.0).unsqueeze(1) - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+        y = ds.targets.long()
+        if size is not None and size < len(y):
+            keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:size]
+            x, y = x[keep], y[keep]
+        parts += [x, y]
+    return _subsample(Task("fashion_mnist", *parts, num_classes=10, augment=2), max_train)
+
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "digits": load_digits_task,
+    "shapes": load_shapes_task,
+    "fashion_mnist": load_fashion_mnist_task,
+}
+
+
+def augment_batch(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """Random crop of every image after zero padding by ``padding`` pixels, and a horizontal flip of half of them."""
+    n, _, h, w = x.shape
+    padded = nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1, 1), generator=generator)
+    rows = (torch.arange(h).view(1, h, 1) + dy).expand(n, h, w)
+    cols = torch.arange(w).view(1, 1, w) + dx
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.where(flip.view(n, 1, 1), cols.flip(-1), cols).expand(n, h, w)
+    batch = torch.arange(n).view(n, 1, 1).expand(n, h, w)
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- network
@@ -188,9 +313,44 @@ class ChannelAffine(nn.Module):
         return x * scale.view(shape) + self.bias.view(shape)
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
+class FilterResponseNorm2d(nn.Module):
+    """Filter Response Normalization with a Thresholded Linear Unit (Singh & Krishnan, CVPR 2020).
+
+    Per sample and channel, ``nu2 = mean over H, W of x^2``; ``y = gamma * x / sqrt(nu2 + eps) + beta`` and, with
+    ``tlu=True``, ``max(y, tau)``. No batch statistics, so it behaves the same at every batch size; it replaces
+    both a BatchNorm and the ReLU after it. ``eps`` is a constant here (the paper also allows a learned one).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6, tlu: bool = True) -> None:
+        super().__init__()
+        self.eps, self.tlu = eps, tlu
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.tau = nn.Parameter(torch.zeros(channels)) if tlu else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        nu2 = x.pow(2).mean(dim=tuple(range(2, x.dim())), keepdim=True)
+        y = self.gamma.view(shape) * x * torch.rsqrt(nu2 + self.eps) + self.beta.view(shape)
+        return torch.maximum(y, self.tau.view(shape)) if self.tau is not None else y
+
+
+NORM_KINDS = ("bn", "gn", "frn", "affine", "exp_affine", "agc", "none")
+
+
+def _norm(kind: str, channels: int, act: bool = False) -> nn.Module:
+    """The layer after a conv, with the activation that follows it when ``act`` (``frn``: the TLU is the activation)."""
+    if kind == "frn":
+        return FilterResponseNorm2d(channels, tlu=act)
+    layer = _norm_only(kind, channels)
+    return nn.Sequential(layer, nn.ReLU()) if act else layer
+
+
+def _norm_only(kind: str, channels: int) -> nn.Module:
     if kind == "bn":
         return nn.BatchNorm2d(channels)
+    if kind == "gn":  # groups of 4 channels, at most 32 groups (Wu & He's default)
+        return nn.GroupNorm(min(32, max(1, channels // 4)), channels)
     if kind == "affine":
         return ChannelAffine(channels)
     if kind == "exp_affine":
@@ -201,7 +361,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
         return AutomaticGainControl(channels)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"Expected a norm kind in ('bn', 'affine', 'exp_affine', 'agc', 'none'), but got {kind!r}.")
+    raise ValueError(f"Expected a norm kind in {NORM_KINDS}, but got {kind!r}.")
 
 
 def vgg_small(
@@ -209,7 +369,8 @@ def vgg_small(
 ) -> nn.Sequential:
     """A small VGG-style CNN: ``log2(image_size) - 1`` stages of two 3x3 convs + max-pool, then GAP and a linear head.
 
-    ``norm`` is the layer after every conv: ``"bn"`` (BatchNorm2d), ``"affine"``/``"exp_affine"`` (a learnable
+    ``norm`` is the layer after every conv: ``"bn"`` (BatchNorm2d), ``"gn"`` (GroupNorm), ``"frn"`` (Filter
+    Response Normalization, whose TLU then replaces the ReLU), ``"affine"``/``"exp_affine"`` (a learnable
     per-channel scale and bias, no statistics) or ``"none"``. Convs carry a bias only when ``norm="none"``.
     """
     stages = max(1, round(math.log2(image_size)) - 1)
@@ -218,23 +379,85 @@ def vgg_small(
     for s in range(stages):
         cout = widths[min(s, len(widths) - 1)]
         for _ in range(2):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), _norm(norm, cout), nn.ReLU()]
+            layers += [nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"), *_flat(_norm(norm, cout, act=True))]
             cin = cout
         layers.append(nn.MaxPool2d(2))
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
     return nn.Sequential(*layers)
 
 
+def _flat(module: nn.Module) -> list[nn.Module]:
+    """A norm + ReLU pair as two layers of the flat VGG ``Sequential`` (so the layer names stay ``model.<i>``)."""
+    return list(module) if isinstance(module, nn.Sequential) else [module]
+
+
+class BasicBlock(nn.Module):
+    """The ResNet basic block as users write it: two 3x3 conv + BatchNorm, ReLU, identity or 1x1-conv+BN shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: str = "bn") -> None:
+        super().__init__()
+        bias = norm == "none"
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=bias)
+        self.bn1 = _norm(norm, cout, act=True)  # BatchNorm + ReLU (FRN: FRN + TLU)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=bias)
+        self.bn2 = _norm(norm, cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=bias), _norm(norm, cout))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """CIFAR-style ResNet-20 (He et al. 2016): a 3x3 stem, 3 stages of 3 basic blocks (16/32/64 channels, stride 2
+    at the start of stages 2 and 3), 1x1 projection shortcuts, global average pool and a linear head.
+
+    ``norm`` as in :func:`vgg_small`; with ``"frn"`` the FRN+TLU replaces the BatchNorm and ReLU inside each
+    block and the stem, the BatchNorms before the residual sum become FRN without TLU, and the ReLU after the
+    sum stays.
+    """
+
+    def __init__(
+        self, num_classes: int = 10, norm: str = "bn", widths: tuple[int, ...] = (16, 32, 64), blocks: int = 3
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, widths[0], 3, padding=1, bias=norm == "none")
+        self.bn1 = _norm(norm, widths[0], act=True)
+        stages, cin = [], widths[0]
+        for i, cout in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages.append(
+                nn.Sequential(
+                    *(BasicBlock(cin if b == 0 else cout, cout, stride if b == 0 else 1, norm) for b in range(blocks))
+                )
+            )
+            cin = cout
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn1(self.conv1(x))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+ARCHS = ("vgg", "resnet20")
+
+
+def make_model(arch: str, task: Task, norm: str) -> nn.Module:
+    """The network of ``arch`` (``"vgg"``: :func:`vgg_small`, ``"resnet20"``: :class:`ResNet20`) for ``task``."""
+    if arch == "vgg":
+        return vgg_small(task.image_size, task.num_classes, norm=norm, widths=task.widths)
+    if arch == "resnet20":
+        return ResNet20(task.num_classes, norm=norm, widths=task.widths)
+    raise ValueError(f"Expected an architecture in {ARCHS}, but got {arch!r}.")
+
+
 # ----------------------------------------------------------------------------------------------- methods
-
-
-def is_placeholder(cls: type) -> bool:
-    """True while another helper's class is still the placeholder stub (no real constructor)."""
-    return (
-        "placeholder" in (cls.__doc__ or "").lower()
-        or cls.__init__ is object.__init__
-        or (len(inspect.signature(cls.__init__).parameters) <= 1 and "Placeholder" in (cls.__doc__ or ""))
-    )
 
 
 @dataclass
@@ -249,6 +472,11 @@ class MethodSpec:
 BASE_METHODS = {
     # name: (layer after every conv, MeanShiftRejection?, NoiseInjection?)
     "batchnorm": ("bn", False, False),
+    "groupnorm": ("gn", False, False),
+    "frn": ("frn", False, False),
+    # the network is built with BatchNorm and adopted by the callbacks only: MeanShiftRejection(batchnorm="replace")
+    "msr_replace": ("bn", True, False),
+    "msr_replace_noise": ("bn", True, True),
     "none": ("none", False, False),
     "msr": ("none", True, False),
     "msr_noise": ("none", True, True),
@@ -261,6 +489,7 @@ BASE_METHODS = {
     "msr_agc": ("agc", True, False),
     "msr_agc_noise": ("agc", True, True),
 }
+
 
 def _flag(name: str, value: str) -> bool:
     flags = {"1": True, "true": True, "0": False, "false": False}
@@ -287,6 +516,10 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "lsuv": float,
     "conv_lr": float,
     "clip": float,
+    "unit_clip": float,
+    "calibrate": lambda v: _flag("calibrate", v),
+    "residual_scale": float,
+    "adaptive_clip": lambda v: None if v.lower() == "none" else float(v),
 }
 
 
@@ -313,25 +546,27 @@ def parse_method(text: str) -> MethodSpec:
     return MethodSpec(text, base, options)
 
 
-def build(spec: MethodSpec, task: Task, seed: int) -> tuple[nn.Module, list, dict[str, Any]]:
-    """The network, the callbacks and the training overrides (``warmup``, ``wd``, ``momentum``) of a method."""
+def build(spec: MethodSpec, task: Task, seed: int, arch: str = "vgg") -> tuple[nn.Module, list, dict[str, Any]]:
+    """The network, the callbacks and the training overrides (``warmup``, ``wd``, ``momentum``) of a method.
+
+    A method with MeanShiftRejection on a network that has BatchNorm (``msr_replace*``, or ``norm=bn``) leaves
+    the BatchNorm to the callback, ``MeanShiftRejection(batchnorm="replace")``, as a user's model would be adopted.
+    """
     import lightning_msr
 
     norm, msr, noise = BASE_METHODS[spec.base]
     norm = spec.options.get("norm", norm)
     torch.manual_seed(seed)
-    model = vgg_small(task.image_size, task.num_classes, norm=norm, widths=task.widths)
+    model = make_model(arch, task, norm)
     callbacks: list = []
     if msr:
-        names = ("init_magnitude", "alpha", "mode", "keep_magnitude")
+        names = ("init_magnitude", "alpha", "mode", "keep_magnitude", "calibrate", "residual_scale", "adaptive_clip")
         kwargs = {k: spec.options[k] for k in names if k in spec.options}
         if "msr_exclude" in spec.options:  # e.g. "model.0" keeps the first conv free to see the input's mean
             kwargs["exclude"] = spec.options["msr_exclude"].split("|")
-        callbacks.append(lightning_msr.MeanShiftRejection(seed=seed, batchnorm="error", **kwargs))
+        batchnorm = "replace" if norm == "bn" else "error"
+        callbacks.append(lightning_msr.MeanShiftRejection(seed=seed, batchnorm=batchnorm, **kwargs))
     if noise:
-        if is_placeholder(lightning_msr.NoiseInjection):
-            raise NotImplementedError("lightning_msr.NoiseInjection is still a placeholder")
-        params = inspect.signature(lightning_msr.NoiseInjection.__init__).parameters
         kwargs: dict[str, Any] = {}
         for opt, arg in (("noise_scale", "scale"), ("noise_shift", "shift"), ("noise_schedule", "schedule")):
             if opt in spec.options:
@@ -340,12 +575,13 @@ def build(spec: MethodSpec, task: Task, seed: int) -> tuple[nn.Module, list, dic
             kwargs["final_scale"], kwargs["final_shift"] = 0.0, 0.0
         if "noise_position" in spec.options:
             kwargs["module_types"] = [NOISE_POSITIONS[spec.options["noise_position"]]]
-        if "seed" in params:
-            kwargs["seed"] = seed
+        kwargs["seed"] = seed
         callbacks.append(lightning_msr.NoiseInjection(**kwargs))
     if spec.options.get("lsuv"):
         _lsuv(model, task, seed, spec.options.get("init_magnitude", 1.0), int(spec.options["lsuv"]))
-    overrides = {k: spec.options[k] for k in ("warmup", "wd", "momentum", "conv_lr", "clip") if k in spec.options}
+    overrides = {
+        k: spec.options[k] for k in ("warmup", "wd", "momentum", "conv_lr", "clip", "unit_clip") if k in spec.options
+    }
     return model, callbacks, overrides
 
 
@@ -375,5 +611,11 @@ def _lsuv(model: nn.Module, task: Task, seed: int, magnitude: float, mode: int) 
 
 def has_norm_layer(model: nn.Module) -> bool:
     """Whether any normalisation layer (with batch or sample statistics) is left in ``model``."""
-    kinds = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    kinds = (
+        nn.modules.batchnorm._BatchNorm,
+        nn.GroupNorm,
+        nn.LayerNorm,
+        nn.modules.instancenorm._InstanceNorm,
+        FilterResponseNorm2d,
+    )
     return any(isinstance(m, kinds) for m in model.modules())

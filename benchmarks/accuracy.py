@@ -1,9 +1,9 @@
 """Accuracy of Mean Shift Rejection against BatchNorm across batch sizes, with a learning-rate sweep per method.
 
-Every configuration (task, method, batch size, learning rate, seed) is one Lightning ``Trainer.fit`` of the same
-small VGG-style CNN; only the layer after each conv and the callbacks differ. Results are appended to a CSV as
-they finish, so an interrupted sweep resumes where it stopped (configurations already in the CSV are skipped),
-and the Markdown table and plots are regenerated from the whole CSV.
+Every configuration (task, network, method, batch size, learning rate, seed) is one Lightning ``Trainer.fit`` of
+a small VGG-style CNN or a ResNet-20 (``--arch``); only the layer after each conv and the callbacks differ.
+Results are appended to a CSV as they finish, so an interrupted sweep resumes where it stopped (configurations
+already in the CSV are skipped), and the Markdown table and plots are regenerated from the whole CSV.
 
 Usage::
 
@@ -12,6 +12,10 @@ Usage::
     python benchmarks/accuracy.py --dataset shapes --methods batchnorm msr_affine_noise --batch-sizes 1 2
     python benchmarks/accuracy.py --methods "msr_affine[init_magnitude=2]" --batch-sizes 32 --lrs 0.05 0.1
     python benchmarks/accuracy.py --report-only                    # rebuild accuracy.md and the plots
+    python benchmarks/accuracy.py --dataset fashion_mnist --arch vgg resnet20 --train-size 5000 --test-size 5000
+
+Fashion-MNIST is read from Debian's package (``apt-get install -y dataset-fashion-mnist``) when it is installed,
+else from ``--data-dir``, or downloaded by torchvision into ``--cache-dir`` with ``--download``.
 
 ``--methods`` entries are ``name`` or ``name[key=value,...]``; names and options are listed by ``--help``.
 Learning rates (``--lrs``) are given for batch 32 and scaled by ``sqrt(batch / 32)`` for other batch sizes
@@ -39,11 +43,26 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_msr.functional import adaptive_clip_
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _accuracy_models import BASE_METHODS, OPTIONS, TASKS, build, has_norm_layer, parse_method
+from _accuracy_models import (
+    ARCHS,
+    BASE_METHODS,
+    DEFAULT_CACHE_DIR,
+    OPTIONS,
+    TASKS,
+    augment_batch,
+    build,
+    has_norm_layer,
+    parse_method,
+)
 
 FIELDS = [
     "dataset",
+    "arch",
+    "n_train",
+    "n_test",
     "method",
     "batch_size",
     "lr",
@@ -57,7 +76,9 @@ FIELDS = [
     "norm_layers",
     "callbacks",
 ]
-KEY = ("dataset", "method", "batch_size", "lr", "seed", "epochs")
+KEY = ("dataset", "arch", "n_train", "method", "batch_size", "lr", "seed", "epochs")
+# the training-set sizes of the full digits and shapes tasks, to fill in `n_train` of rows written before it existed
+FULL_TRAIN_SIZES = {"digits": 1437, "shapes": 1000}
 DEFAULT_METHODS = ["batchnorm", "none", "msr", "msr_affine", "msr_noise", "msr_affine_noise", "agc"]
 DEFAULT_LRS = [0.02, 0.05, 0.1, 0.2, 0.4]
 
@@ -74,9 +95,15 @@ class Classifier(L.LightningModule):
         weight_decay: float = 5e-4,
         warmup: float = 0.0,
         conv_lr: float = 1.0,
+        augment: int = 0,
+        seed: int = 0,
+        unit_clip: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.unit_clip = unit_clip
+        self.augment = augment
+        self._aug_gen = torch.Generator().manual_seed(seed)
         self.lr, self.total_steps, self.momentum, self.weight_decay = lr, total_steps, momentum, weight_decay
         self.warmup_steps = round(warmup * total_steps)
         self.conv_lr = conv_lr
@@ -89,6 +116,8 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
         x, y = batch
+        if self.augment:
+            x = augment_batch(x, self.augment, self._aug_gen)
         loss = nn.functional.cross_entropy(self.model(x), y)
         if not torch.isfinite(loss):
             self.diverged = True
@@ -97,6 +126,12 @@ class Classifier(L.LightningModule):
         self._sum += float(loss.detach()) * len(y)
         self._count += len(y)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.unit_clip:  # NFNets' AGC on every parameter but the classifier's (as Brock et al. recommend)
+            head = [m for m in self.model.modules() if isinstance(m, nn.Linear)][-1:]
+            skip = {id(p) for m in head for p in m.parameters()}
+            adaptive_clip_([p for p in self.model.parameters() if id(p) not in skip], self.unit_clip)
 
     def on_train_epoch_start(self) -> None:
         self._sum, self._count = 0.0, 0
@@ -149,11 +184,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(x)
 
 
-def run_one(task: Any, method: str, batch_size: int, lr: float, seed: int, epochs: int, progress: bool) -> dict:
+def run_one(
+    task: Any, method: str, batch_size: int, lr: float, seed: int, epochs: int, progress: bool, arch: str = "vgg"
+) -> dict:
     """Train one configuration and return its CSV row."""
     spec = parse_method(method)
     L.seed_everything(seed, workers=False, verbose=False)
-    model, callbacks, overrides = build(spec, task, seed)
+    model, callbacks, overrides = build(spec, task, seed, arch)
     data = torch.utils.data.TensorDataset(task.x_train, task.y_train)
     loader = torch.utils.data.DataLoader(
         data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
@@ -167,6 +204,9 @@ def run_one(task: Any, method: str, batch_size: int, lr: float, seed: int, epoch
         weight_decay=overrides.get("wd", 5e-4),
         warmup=overrides.get("warmup", 0.0),
         conv_lr=overrides.get("conv_lr", 1.0),
+        augment=task.augment,
+        seed=seed,
+        unit_clip=overrides.get("unit_clip"),
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -194,6 +234,9 @@ def run_one(task: Any, method: str, batch_size: int, lr: float, seed: int, epoch
     diverged = module.diverged or not params_finite
     return {
         "dataset": task.name,
+        "arch": arch,
+        "n_train": len(task.y_train),
+        "n_test": len(task.y_test),
         "method": method,
         "batch_size": batch_size,
         "lr": lr,
@@ -215,6 +258,8 @@ def run_one(task: Any, method: str, batch_size: int, lr: float, seed: int, epoch
 def _key(row: dict) -> tuple:
     return (
         row["dataset"],
+        row["arch"],
+        int(row["n_train"]) if row["n_train"] not in ("", None) else None,
         row["method"],
         int(row["batch_size"]),
         float(row["lr"]),
@@ -223,19 +268,49 @@ def _key(row: dict) -> tuple:
     )
 
 
+def _upgrade(row: dict) -> dict:
+    """A row of a CSV written before the ``arch``/``n_train``/``n_test`` columns: the VGG net on the full task."""
+    row = dict(row)
+    if not row.get("arch"):
+        row["arch"] = "vgg"
+    if row.get("n_train") in ("", None):
+        full = FULL_TRAIN_SIZES.get(row["dataset"])
+        per_epoch = math.ceil(full / int(row["batch_size"])) if full else None
+        # when the recorded steps show that the run went through the full training set (a diverged run stopped
+        # early: its steps can only be at most the full count)
+        steps, planned = int(row["steps"]), int(row["epochs"]) * per_epoch if full else -1
+        ok = full and (steps == planned or (int(row["diverged"]) and steps <= planned))
+        row["n_train"] = full if ok else ""
+    row.setdefault("n_test", "")
+    return row
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+        return [_upgrade(r) for r in csv.DictReader(fh)]
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append one row under an exclusive lock (several sweeps may share one CSV)."""
+    """Append one row under an exclusive lock (several sweeps may share one CSV).
+
+    A CSV with an older header is first rewritten with the current columns (old rows keep every value).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as fh:
+    with path.open("a+", newline="") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
+            fh.seek(0)
+            header = fh.readline().strip().split(",")
+            if header != [""] and header != FIELDS:
+                fh.seek(0)
+                old = [_upgrade(r) for r in csv.DictReader(fh)]
+                fh.seek(0)
+                fh.truncate()
+                writer = csv.DictWriter(fh, fieldnames=FIELDS)
+                writer.writeheader()
+                writer.writerows({k: r.get(k, "") for k in FIELDS} for r in old)
             fh.seek(0, os.SEEK_END)
             writer = csv.DictWriter(fh, fieldnames=FIELDS)
             if fh.tell() == 0:
@@ -255,15 +330,26 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def section(row: dict) -> str:
+    """The table a row belongs to: the task, plus the network and the training-set size when they are not the
+    VGG net on the full digits/shapes task (e.g. ``"fashion_mnist, resnet20, 10000 train images"``)."""
+    label, full = row["dataset"], FULL_TRAIN_SIZES.get(row["dataset"])
+    if row["arch"] != "vgg" or full is None:
+        label += f", {row['arch']}"
+    if row["n_train"] not in ("", None) and int(row["n_train"]) != full:
+        label += f", {row['n_train']} train images"
+    return label
+
+
 def summarize(rows: list[dict]) -> dict:
-    """``{(dataset, method, batch): {"best": (lr, mean, std, n), "sweep": {lr: (mean, std, n, diverged)}}}``."""
+    """``{(section, method, batch): {"best": (lr, mean, std, n), "sweep": {lr: (mean, std, n, diverged)}}}``."""
     groups: dict[tuple, dict[float, list[dict]]] = {}
     seen = set()
     for r in rows:
         if _key(r) in seen:  # the same configuration finished twice by parallel sweeps: count it once
             continue
         seen.add(_key(r))
-        key = (r["dataset"], r["method"], int(r["batch_size"]))
+        key = (section(r), r["method"], int(r["batch_size"]))
         groups.setdefault(key, {}).setdefault(float(r["lr"]), []).append(r)
     out = {}
     for key, by_lr in groups.items():
@@ -354,6 +440,14 @@ def write_report(rows: list[dict], out: Path, title_note: str = "", ablation_row
 
 METHOD_NOTES = {
     "batchnorm": "BatchNorm2d after every conv (batch statistics in training, running statistics in evaluation)",
+    "groupnorm": "`nn.GroupNorm` after every conv, groups of 4 channels (at most 32 groups): per-sample statistics",
+    "frn": "Filter Response Normalization + TLU (Singh & Krishnan 2020) in place of every BatchNorm + ReLU: "
+    "`max(gamma * x / sqrt(mean_HW(x^2) + 1e-6) + beta, tau)`; per sample, no batch statistics (before a "
+    "residual sum without TLU; the ReLU after the sum stays)",
+    "msr_replace": "the BatchNorm network adopted by `MeanShiftRejection(batchnorm='replace')` (defaults): every "
+    "BatchNorm becomes a per-channel scale and bias",
+    "msr_replace_noise": "`msr_replace` + `NoiseInjection()` (defaults): what a user of a BatchNorm model gets from "
+    "the two callbacks as they ship",
     "none": "no normalisation, PyTorch's default conv init, conv biases",
     "affine": "a learnable per-channel scale and bias after every conv (no statistics), default init",
     "msr": "`MeanShiftRejection()` with its defaults, no normalisation, conv biases",
@@ -371,7 +465,7 @@ METHOD_NOTES = {
 def _protocol(rows: list[dict]) -> list[str]:
     epochs: dict[str, dict[int, set]] = {}
     for r in rows:
-        epochs.setdefault(r["dataset"], {}).setdefault(int(r["batch_size"]), set()).add(int(r["epochs"]))
+        epochs.setdefault(section(r), {}).setdefault(int(r["batch_size"]), set()).add(int(r["epochs"]))
     budget = "; ".join(
         f"{ds}: " + ", ".join(f"batch {b}: {'/'.join(map(str, sorted(e)))}" for b, e in sorted(by_b.items()))
         for ds, by_b in sorted(epochs.items())
@@ -380,11 +474,15 @@ def _protocol(rows: list[dict]) -> list[str]:
     lines = [
         "## Protocol",
         "",
-        "* **Network** (the same family for every method): a small VGG-style CNN, two 3x3 convs per stage, "
-        "max-pool after each stage, global average pool and a linear head; digits 8x8: 2 stages, "
-        "convs 16,16,32,32; shapes 12x12: 3 stages, convs 8,8,16,16,32,32. Only the layer after each conv "
+        "* **Networks** (the same per table for every method): `vgg` -- a small VGG-style CNN, two 3x3 convs "
+        "per stage, max-pool after each stage, global average pool and a linear head; digits 8x8: 2 stages, "
+        "convs 16,16,32,32; shapes 12x12: 3 stages, convs 8,8,16,16,32,32; Fashion-MNIST 28x28: 4 stages, "
+        "convs 16,16,32,32,64,64,64,64. `resnet20` -- the CIFAR-style ResNet-20 of He et al. (3x3 stem, 3 stages "
+        "of 3 basic blocks, 16/32/64 channels, 1x1 conv + BatchNorm projection shortcuts, global average pool, "
+        "linear head), written with BatchNorm and ReLU as users write it. Only the layer after each conv "
         "and the callbacks differ between methods; the MSR variants have no normalisation "
-        "layer anywhere (checked per run: column `norm_layers` of the CSV).",
+        "layer anywhere when they train (checked per run: column `norm_layers` of the CSV; the `msr_replace*` "
+        "rows start from the BatchNorm network and `MeanShiftRejection(batchnorm='replace')` swaps it).",
         "* **Training**: SGD, momentum 0.9, weight decay 5e-4 on all parameters, cross-entropy, per-step cosine "
         "decay to 0, no warm-up (except where an ablation says so). Learning rates are given for batch 32 and "
         "scaled by sqrt(batch / 32); every method gets the same base grid, some also extra LRs where a "
@@ -401,18 +499,26 @@ def _protocol(rows: list[dict]) -> list[str]:
         "test: the nuisances are per image, not per batch, so BatchNorm's batch statistics cannot remove them "
         "and every method has to learn to ignore them; they are the spatial *common-mode* MSR claims to "
         "reject, so the task tests that claim directly (and is by construction friendly to zero-mean "
-        "kernels -- read it next to `digits`, which is neutral).",
+        "kernels -- read it next to `digits`, which is neutral); `fashion_mnist` -- Zalando's Fashion-MNIST "
+        "(28x28 grey, 10 classes) read by `torchvision.datasets.FashionMNIST`, standardised, a fixed random "
+        "subset (seed 0) of the 60k training and 10k test images where the table says so (`N train images`), "
+        "training batches randomly cropped after zero padding by 2 pixels and flipped horizontally. Its tables "
+        "are a short budget that fits a shared 2-core CPU (a few thousand images, the epochs above: 80 steps at "
+        "batch 128): they rank how fast each method trains as much as where it would end.",
         "* **Methods**:",
     ]
     lines += [f"    * `{b}`: {METHOD_NOTES.get(b, '')}" for b in bases]
     lines += [
         "    * `name[key=value,...]`: the method with changed settings (`init_magnitude`, `alpha`, `mode`, "
-        "`keep_magnitude` of `MeanShiftRejection`; `noise_scale`, `noise_shift`, `noise_schedule` and "
+        "`keep_magnitude`, `calibrate`, `residual_scale`, `adaptive_clip` (`none`: off) of `MeanShiftRejection`; "
+        "`noise_scale`, `noise_shift`, `noise_schedule` and "
         "`noise_position` (`conv`: conv outputs, `affine`: after the per-channel affine, `relu`: after the "
         "activation) of `NoiseInjection`; `warmup`: fraction of the steps with linear LR warm-up; `clip`: the "
-        "Trainer's `gradient_clip_val` (norm); `conv_lr`: LR multiplier of the conv weights (a second param "
-        "group); `wd`, `momentum`: SGD's; `lsuv`: after zero-mean init, scale each conv so that its output has "
-        "unit RMS on 256 training images (1: per layer, 2: per filter; data-dependent, LSUV-like)).",
+        "Trainer's `gradient_clip_val` (norm); `unit_clip`: NFNets' unit-wise adaptive gradient clipping with "
+        "this factor (every parameter but the classifier's; Brock et al. 2021); `conv_lr`: LR multiplier of "
+        "the conv weights (a second param group); `wd`, `momentum`: SGD's; `lsuv`: after zero-mean init, "
+        "scale each conv so that its output has unit RMS on 256 training images (1: per layer, 2: per filter; "
+        "data-dependent, LSUV-like)).",
         "",
     ]
     return lines
@@ -537,8 +643,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lrs", nargs="+", type=float, default=DEFAULT_LRS, help="learning rates at batch 32")
     parser.add_argument("--lr-scaling", choices=["sqrt", "linear", "none"], default="sqrt")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--best-lr-seeds",
+        nargs="+",
+        type=int,
+        default=[],
+        help="more seeds, run only at the best LR of each finished sweep (e.g. --seeds 0 --best-lr-seeds 1 2)",
+    )
     parser.add_argument("--epochs", type=int, default=30, help="epochs at batch >= 32 (fewer below, see epochs_for)")
     parser.add_argument("--dataset", nargs="+", choices=sorted(TASKS), default=["digits", "shapes"])
+    parser.add_argument("--arch", nargs="+", choices=ARCHS, default=["vgg"], help="network(s): VGG-style or ResNet-20")
+    data = parser.add_argument_group("Fashion-MNIST data (install: apt-get install -y dataset-fashion-mnist)")
+    data.add_argument("--data-dir", type=Path, default=None, help="folder with the idx files or a torchvision root")
+    data.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the files are unpacked")
+    data.add_argument("--download", action="store_true", help="let torchvision download the files into --cache-dir")
+    data.add_argument("--train-size", type=int, default=None, help="fixed random subset of the 60k training images")
+    data.add_argument("--test-size", type=int, default=None, help="fixed random subset of the 10k test images")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "benchmarks")
     parser.add_argument("--csv", type=Path, default=None, help="result file (default: OUT/accuracy.csv)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests use it)")
@@ -547,6 +667,69 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-report", action="store_true", help="do not rebuild accuracy.md and the plots")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     return parser.parse_args(argv)
+
+
+def _run_plan(plan: list[tuple], tasks: dict, csv_path: Path, progress: bool) -> None:
+    """Run every configuration of ``plan`` not in the CSV yet, appending each row as it finishes."""
+    done = {_key(r) for r in read_rows(csv_path)}
+    todo = [p for p in plan if p not in done]
+    print(f"{len(plan)} configurations, {len(plan) - len(todo)} already in {csv_path}, {len(todo)} to run", flush=True)
+    for i, p in enumerate(todo):
+        if p in {_key(r) for r in read_rows(csv_path)}:
+            continue  # finished meanwhile by a parallel sweep on the same CSV
+        ds, arch, _, m, b, lr, s, ep = p
+        try:
+            row = run_one(tasks[ds], m, b, lr, s, ep, progress, arch=arch)
+        except NotImplementedError as err:
+            print(f"[{i + 1}/{len(todo)}] skip {p}: {err}")
+            continue
+        append_row(csv_path, row)
+        print(f"[{i + 1}/{len(todo)}] " + json.dumps(row), flush=True)
+
+
+def best_lr_plan(plan: list[tuple], rows: list[dict], seeds: list[int]) -> list[tuple]:
+    """More seeds at the best learning rate of every setting of ``plan`` whose whole LR sweep is in ``rows``.
+
+    The best LR is the one of :func:`summarize` (highest mean over the seeds run so far); a setting whose sweep
+    is not finished yet is left out (and said so), so a later call picks it up.
+    """
+    by_setting: dict[tuple, set] = {}
+    for ds, arch, n, m, b, lr, _, ep in plan:
+        by_setting.setdefault((ds, arch, n, m, b, ep), set()).add(lr)
+    results: dict[tuple, dict[float, list[float]]] = {}
+    for r in rows:
+        k = _key(r)
+        setting = (k[0], k[1], k[2], k[3], k[4], k[7])
+        if setting in by_setting:
+            results.setdefault(setting, {}).setdefault(k[5], []).append(float(r["test_acc"]))
+    extra = []
+    for setting, lrs in by_setting.items():
+        swept = results.get(setting, {})
+        if not lrs <= set(swept):
+            print(f"best-LR seeds: the sweep of {setting} is not finished ({len(lrs & set(swept))}/{len(lrs)} LRs)")
+            continue
+        most = max(len(v) for v in swept.values())
+        best = max((lr for lr, v in swept.items() if len(v) == most), key=lambda lr: sum(swept[lr]) / most)
+        ds, arch, n, m, b, ep = setting
+        extra += [(ds, arch, n, m, b, best, s, ep) for s in seeds]
+    return extra
+
+
+def load_task(name: str, args: argparse.Namespace, max_train: Optional[int]) -> Any:
+    """The task ``name`` with the data options of the command line (``--data-dir`` etc. for Fashion-MNIST)."""
+    if name != "fashion_mnist":
+        return TASKS[name](max_train=max_train)
+    try:
+        return TASKS[name](
+            max_train=max_train,
+            train_size=args.train_size,
+            test_size=args.test_size,
+            data_dir=args.data_dir,
+            cache_dir=args.cache_dir,
+            download=args.download,
+        )
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -562,30 +745,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.report_only:
         for spec in args.methods:
             parse_method(spec)  # fail early on a typo
+        tasks = {ds: load_task(ds, args, max_train) for ds in args.dataset}
         plan = [
-            (ds, m, b, scaled_lr(lr, b, args.lr_scaling), s, epochs_for(b, args.epochs))
+            (ds, arch, len(tasks[ds].y_train), m, b, scaled_lr(lr, b, args.lr_scaling), s, epochs_for(b, args.epochs))
             for s in args.seeds  # seed outermost: a sweep stopped early has every setting with fewer seeds
             for ds in args.dataset
+            for arch in args.arch
             for b in args.batch_sizes
             for m in args.methods
             for lr in args.lrs
         ]
-        done = {_key(r) for r in read_rows(csv_path)}
-        todo = [p for p in plan if (p[0], p[1], p[2], p[3], p[4], p[5]) not in done]
-        print(f"{len(plan)} configurations, {len(plan) - len(todo)} already in {csv_path}, {len(todo)} to run")
-        tasks = {}
-        for i, (ds, m, b, lr, s, ep) in enumerate(todo):
-            if (p := (ds, m, b, lr, s, ep)) in {_key(r) for r in read_rows(csv_path)}:
-                continue  # finished meanwhile by a parallel sweep on the same CSV
-            if ds not in tasks:
-                tasks[ds] = TASKS[ds](max_train=max_train)
-            try:
-                row = run_one(tasks[ds], m, b, lr, s, ep, args.progress_bar)
-            except NotImplementedError as err:
-                print(f"[{i + 1}/{len(todo)}] skip {p}: {err}")
-                continue
-            append_row(csv_path, row)
-            print(f"[{i + 1}/{len(todo)}] " + json.dumps(row), flush=True)
+        _run_plan(plan, tasks, csv_path, args.progress_bar)
+        if args.best_lr_seeds:  # the second stage: more seeds at the best LR of every finished sweep
+            _run_plan(best_lr_plan(plan, read_rows(csv_path), args.best_lr_seeds), tasks, csv_path, args.progress_bar)
     if not args.no_report:
         rows = read_rows(csv_path)
         ablation = args.out / "ablation.csv"

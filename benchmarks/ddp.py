@@ -640,7 +640,7 @@ def _driver(args: argparse.Namespace) -> None:
         "",
         "Reading the table: SyncBatchNorm adds two blocking collectives per BatchNorm layer to every step; plain "
         "DDP with BatchNorm adds the broadcast of the running statistics before every forward pass "
-        "(`_broadcast_coalesced`). Once `MeanShiftRejection(batchnorm=\"replace\")` has taken the BatchNorm out, "
+        '(`_broadcast_coalesced`). Once `MeanShiftRejection(batchnorm="replace")` has taken the BatchNorm out, '
         "the model has no buffers left, so (c) and (d) communicate alike: what `ddp_msr` adds is the guarantee -- "
         "it refuses `sync_batchnorm=True` and any remaining BatchNorm, and skips the per-step broadcast of any "
         "other buffers -- while the saving itself comes from the model having no batch statistics.",

@@ -21,6 +21,15 @@ def _run(script: str, *args: str) -> str:
     return proc.stdout
 
 
+def _fail(script: str, *args: str) -> str:
+    """Run a benchmark that must fail; its stderr."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    return proc.stderr
+
+
 def _rows(path: Path) -> list[dict]:
     with path.open(newline="") as fh:
         return list(csv.DictReader(fh))
@@ -73,14 +82,7 @@ def test_accuracy_tiny_writes_outputs_and_resumes(tmp_path):
 
 
 def test_accuracy_rejects_unknown_method(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "accuracy.py"), "--tiny", "--out", str(tmp_path), "--methods", "layernorm"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert proc.returncode != 0 and "Expected a method in" in proc.stderr
+    assert "Expected a method in" in _fail("accuracy.py", "--tiny", "--out", str(tmp_path), "--methods", "layernorm")
     assert not (tmp_path / "accuracy.csv").exists()
 
 
@@ -149,3 +151,246 @@ def test_accuracy_method_options_reach_the_run():
     assert lrs == {len(convs): pytest.approx(0.6), sum(1 for _ in model.parameters()) - len(convs): 0.1}
     with pytest.raises(ValueError, match="Expected `keep_magnitude` to be one of"):
         parse_method("msr[keep_magnitude=maybe]")
+
+
+# ----------------------------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _bench_modules():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _accuracy_models
+        import accuracy
+    finally:
+        sys.path.remove(str(BENCH))
+    return _accuracy_models, accuracy
+
+
+def _write_idx(path: Path, array) -> None:
+    """An idx file as the Fashion-MNIST distribution ships it: magic (0, 0, 0x08 = uint8, ndim), big-endian sizes."""
+    import gzip
+    import struct
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype("uint8").tobytes())
+
+
+def _tiny_fashion_mnist(folder: Path, n_train: int = 40, n_test: int = 20):
+    """The four idx.gz files of a tiny 28x28 data set (like Debian's folder); returns the arrays written."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def test_fashion_mnist_loader_reads_the_idx_files_through_torchvision(tmp_path):
+    import torch
+
+    models, _ = _bench_modules()
+    arrays = _tiny_fashion_mnist(tmp_path / "package")
+    cache = tmp_path / "cache"
+    task = models.load_fashion_mnist_task(data_dir=tmp_path / "package", cache_dir=cache)
+    # unpacked once into the layout torchvision expects
+    assert sorted(p.name for p in (cache / "FashionMNIST" / "raw").iterdir()) == sorted(models.FASHION_MNIST_FILES)
+    assert task.x_train.shape == (40, 1, 28, 28) and task.x_test.shape == (20, 1, 28, 28)
+    images, labels = arrays["train"]
+    expected = (torch.from_numpy(images).float() / 255 - models.FASHION_MNIST_MEAN) / models.FASHION_MNIST_STD
+    torch.testing.assert_close(task.x_train[:, 0], expected)
+    assert task.y_train.tolist() == labels.tolist()
+    assert task.y_test.tolist() == arrays["t10k"][1].tolist()
+    assert task.augment > 0 and task.num_classes == 10
+    # a fixed subset, the same on every call; the cache (a torchvision root) is accepted as --data-dir too
+    a = models.load_fashion_mnist_task(train_size=10, test_size=5, data_dir=cache, cache_dir=tmp_path / "unused")
+    b = models.load_fashion_mnist_task(train_size=10, test_size=5, data_dir=tmp_path / "package", cache_dir=cache)
+    assert len(a.y_train) == 10 and len(a.y_test) == 5
+    torch.testing.assert_close(a.x_train, b.x_train)
+    assert not (tmp_path / "unused").exists()
+
+
+def test_fashion_mnist_missing_data_says_both_ways_to_get_it(tmp_path, monkeypatch):
+    models, _ = _bench_modules()
+    monkeypatch.setattr(models, "FASHION_MNIST_PACKAGE_DIR", tmp_path / "not-installed")
+    with pytest.raises(FileNotFoundError, match=r"apt-get install -y dataset-fashion-mnist.*`--download`"):
+        models.fashion_mnist_root(cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="Expected `--data-dir` to hold the four Fashion-MNIST idx files"):
+        models.fashion_mnist_root(data_dir=tmp_path, cache_dir=tmp_path / "cache")
+    # with downloads allowed, torchvision downloads into the cache dir
+    assert models.fashion_mnist_root(cache_dir=tmp_path / "cache", download=True) == tmp_path / "cache"
+
+
+def test_accuracy_fashion_mnist_tiny_run_on_both_networks(tmp_path):
+    _tiny_fashion_mnist(tmp_path / "package")
+    args = ["--tiny", "--out", str(tmp_path), "--no-progress-bar", "--dataset", "fashion_mnist"]
+    args += ["--data-dir", str(tmp_path / "package"), "--cache-dir", str(tmp_path / "cache")]
+    args += ["--arch", "vgg", "resnet20", "--batch-sizes", "8", "--lrs", "0.05", "--seeds", "0"]
+    methods = ["batchnorm", "groupnorm", "frn", "msr_replace_noise"]
+    assert "8 to run" in _run("accuracy.py", *args, "--methods", *methods)
+    rows = _rows(tmp_path / "accuracy.csv")
+    assert {(r["arch"], r["method"]) for r in rows} == {(a, m) for a in ("vgg", "resnet20") for m in methods}
+    for r in rows:
+        assert r["dataset"] == "fashion_mnist" and r["n_train"] == "40" and r["n_test"] == "20"
+        assert int(r["steps"]) == 2 * 5  # 2 epochs of 40 images at batch 8
+        # the MSR row starts from the BatchNorm network; the callback replaced every BatchNorm
+        assert int(r["norm_layers"]) == (r["method"] != "msr_replace_noise")
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "## fashion_mnist, resnet20, 40 train images" in md and "## fashion_mnist, vgg, 40 train images" in md
+    # resumable; the second stage adds seed 1 at the best LR of each finished sweep (one LR here)
+    out = _run("accuracy.py", *args, "--methods", *methods, "--no-report", "--best-lr-seeds", "1")
+    assert "0 to run" in out and "8 configurations, 0 already in" in out
+    assert sorted(r["seed"] for r in _rows(tmp_path / "accuracy.csv")) == ["0"] * 8 + ["1"] * 8
+
+
+def test_accuracy_fashion_mnist_without_data_fails_clearly(tmp_path):
+    args = ["--tiny", "--out", str(tmp_path), "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "none")]
+    assert "Expected `--data-dir` to hold the four Fashion-MNIST idx files" in _fail("accuracy.py", *args)
+    assert not (tmp_path / "accuracy.csv").exists()
+
+
+# ----------------------------------------------------------------------------------------------- networks, peers
+
+
+def test_filter_response_norm_matches_the_papers_formula():
+    import torch
+
+    models, _ = _bench_modules()
+    frn = models.FilterResponseNorm2d(3, eps=1e-6)
+    with torch.no_grad():
+        frn.gamma.copy_(torch.tensor([0.5, 2.0, -1.0]))
+        frn.beta.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        frn.tau.copy_(torch.tensor([-0.5, 0.0, 0.2]))
+    x = torch.randn(4, 3, 5, 6) * 3 + 1
+    with torch.no_grad():
+        out = frn(x)
+    for n in range(4):
+        for c in range(3):
+            nu2 = float((x[n, c] ** 2).mean())
+            y = frn.gamma[c].detach() * x[n, c] / (nu2 + 1e-6) ** 0.5 + frn.beta[c].detach()
+            torch.testing.assert_close(out[n, c], torch.clamp(y, min=float(frn.tau[c].detach())))
+    # per sample: the other images of the batch change nothing (what makes it batch-size independent)
+    torch.testing.assert_close(frn(x[:1]), out[:1])
+    plain = models.FilterResponseNorm2d(3, tlu=False)
+    assert plain.tau is None and float(plain(x).detach().min()) < 0  # no TLU: no threshold
+    assert models.has_norm_layer(torch.nn.Sequential(frn))
+
+
+def test_resnet20_is_the_cifar_resnet_and_is_adopted_by_the_callback():
+    import torch
+
+    models, _ = _bench_modules()
+    from lightning_msr import MeanShiftRejection, NoiseInjection
+
+    task = models.Task(
+        "t", torch.zeros(2, 1, 28, 28), torch.zeros(2).long(), torch.zeros(2, 1, 28, 28), torch.zeros(2).long(), 10
+    )
+    net = models.make_model("resnet20", task, "bn")
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(c.kernel_size == (3, 3) for c in convs) == 19 and sum(c.kernel_size == (1, 1) for c in convs) == 2
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 21
+    assert sorted({c.out_channels for c in convs}) == [16, 32, 64]
+    assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    # FRN + TLU replaces BatchNorm + ReLU; before the residual sum FRN has no TLU, the ReLU after the sum stays
+    frn = models.make_model("resnet20", task, "frn")
+    kinds = [m for m in frn.modules() if isinstance(m, models.FilterResponseNorm2d)]
+    assert len(kinds) == 21 and sum(m.tlu for m in kinds) == 10
+    assert sum(isinstance(m, torch.nn.ReLU) for m in frn.modules()) == 9
+    gn = models.make_model("resnet20", task, "gn")
+    assert [m.num_groups for m in gn.modules() if isinstance(m, torch.nn.GroupNorm)][:2] == [4, 4]
+    # the MSR row builds the BatchNorm network and leaves the BatchNorm to MeanShiftRejection(batchnorm="replace")
+    model, callbacks, _ = models.build(models.parse_method("msr_replace_noise"), task, seed=0, arch="resnet20")
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 21
+    msr, noise = callbacks
+    assert isinstance(msr, MeanShiftRejection) and "batchnorm='replace'" in repr(msr)
+    assert isinstance(noise, NoiseInjection)
+    with pytest.raises(ValueError, match="Expected an architecture in"):
+        models.make_model("resnet50", task, "bn")
+
+
+def test_augment_batch_is_a_padded_crop_and_flip_of_each_image():
+    import torch
+
+    models, _ = _bench_modules()
+    x = torch.arange(2 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6) + 1
+    out = models.augment_batch(x.repeat(16, 1, 1, 1), 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x.repeat(16, 1, 1, 1), (2,) * 4)
+    seen = set()
+    for i in range(len(out)):
+        crops = {
+            (dy, dx, f): padded[i, :, dy : dy + 6, dx : dx + 6].flip(-1)
+            if f
+            else padded[i, :, dy : dy + 6, dx : dx + 6]
+            for dy in range(5)
+            for dx in range(5)
+            for f in (0, 1)
+        }
+        match = [k for k, c in crops.items() if torch.equal(c, out[i])]
+        assert match, f"image {i} is not a crop of its padded input"
+        seen.add(match[0])
+    assert len(seen) > 10 and {k[2] for k in seen} == {0, 1}  # random offsets, both flips
+
+
+def test_old_csv_gets_the_new_columns_without_losing_rows(tmp_path):
+    _, accuracy = _bench_modules()
+    old = tmp_path / "accuracy.csv"
+    header = "dataset,method,batch_size,lr,seed,epochs,steps,test_acc,train_loss,diverged,seconds,norm_layers,callbacks"
+    old.write_text(
+        header + "\n"
+        "digits,batchnorm,32,0.1,0,15,675,0.99,0.01,0,10.0,1,-\n"  # 15 epochs x ceil(1437 / 32): the full set
+        "digits,msr,32,0.1,0,2,8,0.5,1.0,0,1.0,0,MeanShiftRejection\n"  # a subset run: size unknown
+    )
+    new = dict(accuracy.read_rows(old)[0], method="frn", n_test=360)
+    accuracy.append_row(old, new)
+    rows = _rows(old)
+    assert list(rows[0]) == accuracy.FIELDS and len(rows) == 3
+    assert [(r["arch"], r["n_train"], r["method"], r["test_acc"]) for r in rows] == [
+        ("vgg", "1437", "batchnorm", "0.99"),
+        ("vgg", "", "msr", "0.5"),
+        ("vgg", "1437", "frn", "0.99"),
+    ]
+    # the upgraded row keeps its key: a resumed sweep does not run it again
+    assert accuracy._key(accuracy.read_rows(old)[0]) == ("digits", "vgg", 1437, "batchnorm", 32, 0.1, 0, 15)
+
+
+def test_unit_clip_and_the_calibration_options_reach_the_run():
+    import torch
+
+    models, accuracy = _bench_modules()
+    from lightning_msr import MeanShiftRejection
+
+    task = models.load_digits_task(max_train=64)
+    spec = models.parse_method("msr_replace_noise[calibrate=false,residual_scale=1,adaptive_clip=none]")
+    (msr, _) = models.build(spec, task, seed=0)[1]
+    assert isinstance(msr, MeanShiftRejection)
+    assert "calibrate=False" in repr(msr) and "residual_scale=1.0" in repr(msr) and "adaptive_clip=None" in repr(msr)
+    # unit_clip: the Classifier clips (lightning_msr.functional.adaptive_clip_) before every optimizer step,
+    # every parameter but the classifier layer's
+    model, _, overrides = models.build(models.parse_method("batchnorm[unit_clip=0.02]"), task, seed=0)
+    assert overrides == {"unit_clip": 0.02}
+    module = accuracy.Classifier(model, lr=0.1, total_steps=1, unit_clip=overrides["unit_clip"])
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 100.0)
+    module.on_before_optimizer_step(None)
+    conv, head = model[0], model[-1]
+    w_norm = conv.weight.detach().flatten(1).norm(dim=1)
+    torch.testing.assert_close(conv.weight.grad.flatten(1).norm(dim=1), 0.02 * w_norm)
+    assert torch.equal(head.weight.grad, torch.full_like(head.weight, 100.0))
+
+
+def test_best_lr_plan_adds_seeds_at_the_best_lr_of_finished_sweeps_only():
+    _, accuracy = _bench_modules()
+    plan = [("d", "vgg", 100, m, 32, lr, 0, 5) for m in ("a", "b") for lr in (0.1, 0.2, 0.4)]
+    acc = {0.1: 0.5, 0.2: 0.9, 0.4: 0.7}
+    rows = [
+        dict(dataset="d", arch="vgg", n_train="100", method=m, batch_size="32", lr=str(lr), seed="0", epochs="5")
+        | {"test_acc": str(acc[lr])}
+        for m, lr in [("a", 0.1), ("a", 0.2), ("a", 0.4), ("b", 0.1)]  # b's sweep is unfinished
+    ]
+    assert accuracy.best_lr_plan(plan, rows, [1, 2]) == [("d", "vgg", 100, "a", 32, 0.2, s, 5) for s in (1, 2)]
