@@ -274,6 +274,6 @@ def test_cifar10_cli_end_to_end_with_msr_config(fake_cifar10, tmp_path):
             f"--trainer.logger.init_args.save_dir={tmp_path / 'test'}",
         ]
     )
-    assert tested.model.hparams.norm == "affine"
+    assert tested.model.hparams.norm == "fold"
     assert tested.trainer.callback_metrics["test_acc"] == pytest.approx(in_memory["test_acc"])
     assert tested.trainer.callback_metrics["test_loss"] == pytest.approx(in_memory["test_loss"], rel=1e-5)
