@@ -529,7 +529,7 @@ def _assert_trained_in_sync_across_nodes(records: list[dict[str, Any]], environm
     assert _identical(rank0["start_state"], rank0["setup_state"])
     assert _identical(rank0["start_state"], rank1["start_state"])
     assert _identical(rank0["end_state"], rank1["end_state"])
-    for key in (*CONV_WEIGHTS, "net.1.weight"):
+    for key in (*CONV_WEIGHTS, "net.0.scale"):
         assert not torch.equal(rank0["start_state"][key], rank0["end_state"][key]), f"{key} did not train"
     for key in CONV_WEIGHTS:
         assert float(mean_shift(rank0["end_state"][key])) < 1e-5, key
