@@ -260,7 +260,7 @@ def gain_sites(model: nn.Module, exclude: Optional[Sequence[str]] = None) -> dic
     """What :func:`calibrate` would calibrate: ``{name: "gain" | "weight" | "gain, residual" | ...}``.
 
     ``"gain"`` sites are per-channel scale-and-bias layers (``ChannelAffine``, ``AutomaticGainControl``, folded
-    convs), ``"weight"`` sites are convs that no gain layer or BatchNorm follows (their filters are scaled);
+    convs), ``"weight"`` sites are the convs (their filters are scaled, whether or not a gain follows);
     ``residual`` marks the end of a residual branch (see :func:`residual_branch_ends`).
 
     Args:
