@@ -22,7 +22,8 @@ seen by ``torch.autograd.graph.saved_tensors_hooks``, and the unique storages th
 The largest batch in a memory budget (``--budget-mib``, on the peak resident memory of the whole process, what a
 container limit or ``ulimit`` sees) is measured on ``--budget-model`` for ``--budget-methods``: one fresh process
 per method trains one step at each batch size of ``--budget-batches`` in increasing order and reports its peak RSS
-(``getrusage``'s high-water mark) after each; the largest batch size whose peak stays within the budget is reported.
+(the kernel's ``VmHWM`` high-water mark) after each; the largest batch size whose peak stays within the budget is
+reported.
 Results go to ``docs/benchmarks/speed.md`` (+ ``speed.csv``, ``speed.png``, ``speed_budget.csv``,
 ``speed_budget.png``), as ratios to BatchNorm.
 
@@ -210,6 +211,18 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
+    """The high-water mark of this process's resident memory, in MiB.
+
+    Linux's ``VmHWM`` belongs to the address space, which ``exec`` replaces; ``getrusage``'s ``ru_maxrss`` survives
+    ``exec``, so a worker started from a large parent would report the parent's size (``fork`` + ``exec``).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -350,9 +363,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _read_csv(path: Path) -> list[dict]:
     with path.open(newline="") as fh:
-        return [
-            {k: (v if k in ("model", "method") else float(v)) for k, v in r.items()} for r in csv.DictReader(fh)
-        ]
+        return [{k: (v if k in ("model", "method") else float(v)) for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
 def write_outputs(rows: list[dict], budget_rows: list[dict], args: argparse.Namespace) -> None:
@@ -418,7 +429,7 @@ def write_outputs(rows: list[dict], budget_rows: list[dict], args: argparse.Name
             f"## Largest batch in a {budget:.0f} MiB budget ({model})",
             "",
             f"Peak resident memory (MiB) of a fresh process training `{model}` at {int(args.image_size)}x"
-            f"{int(args.image_size)} for one step at each batch size, increasing (`getrusage` high-water mark; "
+            f"{int(args.image_size)} for one step at each batch size, increasing (the `VmHWM` high-water mark; "
             f"the process holds about {budget_rows[0]['baseline_rss_mib']:.0f} MiB before training: Python, torch, "
             "Lightning). A method stops at the first batch size over the budget.",
             "",
