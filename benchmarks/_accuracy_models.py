@@ -517,8 +517,10 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "conv_lr": float,
     "clip": float,
     "unit_clip": float,
+    "filter_clip": float,
     "calibrate": lambda v: _flag("calibrate", v),
     "residual_scale": float,
+    "include_stem": lambda v: _flag("include_stem", v),
     "adaptive_clip": lambda v: None if v.lower() == "none" else float(v),
 }
 
@@ -560,7 +562,16 @@ def build(spec: MethodSpec, task: Task, seed: int, arch: str = "vgg") -> tuple[n
     model = make_model(arch, task, norm)
     callbacks: list = []
     if msr:
-        names = ("init_magnitude", "alpha", "mode", "keep_magnitude", "calibrate", "residual_scale", "adaptive_clip")
+        names = (
+            "init_magnitude",
+            "alpha",
+            "mode",
+            "keep_magnitude",
+            "calibrate",
+            "residual_scale",
+            "adaptive_clip",
+            "include_stem",
+        )
         kwargs = {k: spec.options[k] for k in names if k in spec.options}
         if "msr_exclude" in spec.options:  # e.g. "model.0" keeps the first conv free to see the input's mean
             kwargs["exclude"] = spec.options["msr_exclude"].split("|")

@@ -98,10 +98,12 @@ class Classifier(L.LightningModule):
         augment: int = 0,
         seed: int = 0,
         unit_clip: Optional[float] = None,
+        filter_clip: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.unit_clip = unit_clip
+        self.filter_clip = filter_clip
         self.augment = augment
         self._aug_gen = torch.Generator().manual_seed(seed)
         self.lr, self.total_steps, self.momentum, self.weight_decay = lr, total_steps, momentum, weight_decay
@@ -128,10 +130,16 @@ class Classifier(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        if self.unit_clip:  # NFNets' AGC on every parameter but the classifier's (as Brock et al. recommend)
+        if self.unit_clip or self.filter_clip:
+            # NFNets' AGC on every parameter but the classifier's (as Brock et al. recommend); `filter_clip`: on the
+            # filters only (weights of 2 or more dims), not on 1-D gains and biases
             head = [m for m in self.model.modules() if isinstance(m, nn.Linear)][-1:]
             skip = {id(p) for m in head for p in m.parameters()}
-            adaptive_clip_([p for p in self.model.parameters() if id(p) not in skip], self.unit_clip)
+            params = [p for p in self.model.parameters() if id(p) not in skip]
+            if self.unit_clip:
+                adaptive_clip_(params, self.unit_clip)
+            if self.filter_clip:
+                adaptive_clip_([p for p in params if p.dim() > 1], self.filter_clip)
 
     def on_train_epoch_start(self) -> None:
         self._sum, self._count = 0.0, 0
@@ -207,6 +215,7 @@ def run_one(
         augment=task.augment,
         seed=seed,
         unit_clip=overrides.get("unit_clip"),
+        filter_clip=overrides.get("filter_clip"),
     )
     trainer = L.Trainer(
         accelerator="cpu",
@@ -510,12 +519,14 @@ def _protocol(rows: list[dict]) -> list[str]:
     lines += [f"    * `{b}`: {METHOD_NOTES.get(b, '')}" for b in bases]
     lines += [
         "    * `name[key=value,...]`: the method with changed settings (`init_magnitude`, `alpha`, `mode`, "
-        "`keep_magnitude`, `calibrate`, `residual_scale`, `adaptive_clip` (`none`: off) of `MeanShiftRejection`; "
+        "`keep_magnitude`, `calibrate`, `residual_scale`, `adaptive_clip` (`none`: off), `include_stem` of "
+        "`MeanShiftRejection`; "
         "`noise_scale`, `noise_shift`, `noise_schedule` and "
         "`noise_position` (`conv`: conv outputs, `affine`: after the per-channel affine, `relu`: after the "
         "activation) of `NoiseInjection`; `warmup`: fraction of the steps with linear LR warm-up; `clip`: the "
         "Trainer's `gradient_clip_val` (norm); `unit_clip`: NFNets' unit-wise adaptive gradient clipping with "
-        "this factor (every parameter but the classifier's; Brock et al. 2021); `conv_lr`: LR multiplier of "
+        "this factor (every parameter but the classifier's; Brock et al. 2021), `filter_clip` the same on the "
+        "filters only (weights of 2 or more dims); `conv_lr`: LR multiplier of "
         "the conv weights (a second param group); `wd`, `momentum`: SGD's; `lsuv`: after zero-mean init, "
         "scale each conv so that its output has unit RMS on 256 training images (1: per layer, 2: per filter; "
         "data-dependent, LSUV-like)).",

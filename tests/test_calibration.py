@@ -259,15 +259,19 @@ def test_callback_warns_about_a_vanishing_signal_it_did_not_calibrate(tmp_path):
         )
 
 
+@pytest.mark.free_stem  # the real default for the stem: the paper's argument set must include it
 def test_paper_settings_are_reachable(tmp_path):
-    """The paper's method exactly: unit-norm zero-mean kernels, projected gradients, nothing else."""
+    """The paper's method exactly: every conv (the stem too) unit-norm and zero-mean, projected gradients,
+    nothing else."""
     L.seed_everything(0)
     model = ConvNet("sgd_momentum")
     recorder = WeightRecorder()
-    paper = MeanShiftRejection(init_magnitude=1.0, calibrate=False, adaptive_clip=None)
+    paper = MeanShiftRejection(init_magnitude=1.0, calibrate=False, adaptive_clip=None, include_stem=True)
     trainer(tmp_path, max_steps=1, callbacks=[paper, recorder]).fit(model, loader(8, batch_size=8))
+    assert len(paper.weights) == len(eligible_weights(model))
     first = recorder.at_fit_start["features.0.weight"]
     torch.testing.assert_close(first.flatten(1).norm(dim=1), torch.ones(8))
+    assert max(float(mean_shift(w.parameter, **w.layout_kwargs())) for w in paper.weights) < 1e-5
 
 
 def test_adaptive_clip_bounds_every_unit_and_keeps_zero_mean():

@@ -22,6 +22,8 @@ from torch import nn
 
 import lightning_msr
 
+pytestmark = pytest.mark.free_stem  # the defaults as shipped, the stem left free
+
 MODELS = [
     "resnet50",
     "resnet152",
