@@ -259,8 +259,9 @@ def _find_sites(model: nn.Module, convs: Optional[Sequence[nn.Module]], exclude:
 def gain_sites(model: nn.Module, exclude: Optional[Sequence[str]] = None) -> dict[str, str]:
     """What :func:`calibrate` would calibrate: ``{name: "gain" | "weight" | "gain, residual" | ...}``.
 
-    ``"gain"`` sites are per-channel scale-and-bias layers (``ChannelAffine``, ``AutomaticGainControl``, folded
-    convs), ``"weight"`` sites are the convs (their filters are scaled, whether or not a gain follows);
+    ``"gain"`` sites are per-channel scale-and-bias layers (``ChannelAffine``, ``AutomaticGainControl``);
+    ``"weight"`` sites are the convs: a conv with a folded per-channel scale gets the normalisation in that scale,
+    any other conv in its filters (whether or not a gain follows, which then corrects what is left);
     ``residual`` marks the end of a residual branch (see :func:`residual_branch_ends`).
 
     Args:
