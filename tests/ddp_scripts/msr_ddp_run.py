@@ -159,7 +159,10 @@ def main() -> None:
     if not args.no_msr:
         callbacks.append(
             lightning_msr.MeanShiftRejection(
-                batchnorm=args.msr_batchnorm, keep_magnitude=args.keep_magnitude, calibrate=not args.no_calibrate
+                batchnorm=args.msr_batchnorm,
+                keep_magnitude=args.keep_magnitude,
+                calibrate=not args.no_calibrate,
+                include_stem=True,  # every conv, as the in-process mechanism tests (tests/conftest.py)
             )
         )
     if args.noise:

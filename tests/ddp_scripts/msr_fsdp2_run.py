@@ -135,7 +135,7 @@ def main() -> None:
         max_steps=args.max_steps,
         # calibration does not run on sharded weights yet: compare both runs without it
         callbacks=[
-            lightning_msr.MeanShiftRejection(keep_magnitude=args.keep_magnitude, calibrate=False),
+            lightning_msr.MeanShiftRejection(keep_magnitude=args.keep_magnitude, calibrate=False, include_stem=True),
             Recorder(args.out),
         ],
         logger=False,
