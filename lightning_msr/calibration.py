@@ -407,34 +407,23 @@ def _scale_output_channels_(module: nn.modules.conv._ConvNd, factor: Tensor) -> 
 
 @torch.no_grad()
 def _calibrate_weight(module: nn.Module, y: Tensor, target: float, reduce: Optional[Reduce]) -> Optional[str]:
-    """Scale each output filter of a conv (and shift its bias) so that its output has std ``target``, mean 0,
-    as a BatchNorm in training mode would normalise it."""
+    """Scale each output channel of a conv (and shift its bias) so that its output has std ``target``, mean 0,
+    as a BatchNorm in training mode would normalise it: through the conv's folded per-channel ``scale`` where it
+    has one (its filters keep their drawn norm: BatchNorm's own parametrisation, ``(W x) / std``), else through
+    its filters."""
     mean, variance, n = _channel_moments(y, reduce)
     why = _no_signal(mean, variance, n)
     if why:
         return why
     inv_std, mean = _normalising_factors(mean, variance, n)
     factor = inv_std * target
-    _scale_output_channels_(module, factor)
+    folded = gain_parameters(module)
+    if folded is not None:
+        folded[0].mul_(factor.to(folded[0].dtype))
+    else:
+        _scale_output_channels_(module, factor)
     if module.bias is not None:
         module.bias.copy_(((module.bias.double() - mean) * factor).to(module.bias.dtype))
-    return None
-
-
-@torch.no_grad()
-def _calibrate_folded(module: nn.Module, y: Tensor, target: float, reduce: Optional[Reduce]) -> Optional[str]:
-    """Set a folded conv's per-channel ``scale`` (and shift its bias) so that its output has std ``target`` and
-    mean 0, leaving its filters as drawn: BatchNorm's own parametrisation, ``(W x) / std``."""
-    mean, variance, n = _channel_moments(y, reduce)
-    why = _no_signal(mean, variance, n)
-    if why:
-        return why
-    inv_std, mean = _normalising_factors(mean, variance, n)
-    factor = inv_std * target
-    scale, bias = gain_parameters(module)  # type: ignore[misc]
-    scale.mul_(factor.to(scale.dtype))
-    if bias is not None:
-        bias.copy_(((bias.double() - mean) * factor).to(bias.dtype))
     return None
 
 
@@ -508,14 +497,10 @@ def calibrate(
             if report.input_rms is None:
                 report.input_rms = _rms(args[0])
             target = residual_scale if site.residual else 1.0
-            own_gain = gain_parameters(module) if site.kind == "weight" else None  # a folded conv's scale
             with torch.no_grad():
                 if site.kind == "gain":
                     y = module.forward(*args) if target > 0 else None  # forward(): no hooks
                     why = _calibrate_gain(module, y, target, reduce) if y is not None else _zero_gain(module)
-                elif own_gain is not None:
-                    # a folded conv: its scale takes the normalisation, the filters keep their drawn norm
-                    why = _calibrate_folded(module, module.forward(*args), target, reduce)
                 else:
                     y = module.forward(*args) if target > 0 else None
                     why = _calibrate_weight(module, y, target, reduce) if y is not None else _zero_filters(module)
@@ -605,4 +590,12 @@ def _zero_gain(module: nn.Module) -> None:
 
 @torch.no_grad()
 def _zero_filters(module: nn.Module) -> None:
-    module.weight.zero_()
+    """Start a conv at output 0 (SkipInit): a folded conv through its scale and bias, any other through its
+    filters."""
+    folded = gain_parameters(module)
+    if folded is None:
+        module.weight.zero_()
+        return
+    for param in folded:
+        if param is not None:
+            param.zero_()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from fnmatch import fnmatchcase
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -398,15 +397,11 @@ class MeanShiftRejection(Callback):
             )
 
     def _collect(self, pl_module: nn.Module) -> None:
-        weights = eligible_weights(
-            pl_module, include_linear=self._include_linear, exclude=self._exclude, include_stem=self._include_stem
-        )
-        # the free stem: not centred, but calibrated and clipped like the convs MSR acts on
+        weights = eligible_weights(pl_module, include_linear=self._include_linear, exclude=self._exclude)
+        # the free stem (unless excluded): not centred, but calibrated and clipped like the convs MSR acts on
         stem = None if self._include_stem else stem_conv(pl_module)
-        excluded = stem is not None and any(
-            fnmatchcase(name, p) for name, m in pl_module.named_modules() if m is stem for p in self._exclude or ()
-        )
-        self._stem = None if stem is None or excluded or not _plain_weight(stem) else stem
+        self._stem = stem if any(w.module is stem for w in weights) else None
+        weights = [w for w in weights if w.module is not stem]
         skipped = [w.name for w in weights if not _groups(w.parameter.shape, self._mode, w.transposed, w.groups)]
         weights = [w for w in weights if w.name not in skipped]
         if skipped:
@@ -705,7 +700,7 @@ class MeanShiftRejection(Callback):
     def _calibrated_convs(self) -> list[nn.Module]:
         """The convs MSR acts on, and the free stem."""
         convs = [w.module for w in self._weights or []]
-        return [*convs, self._stem] if self._stem is not None and self._stem not in convs else convs
+        return convs if self._stem is None else [*convs, self._stem]
 
     def _close_first_pass(self, trainer: pl.Trainer) -> None:
         """After the first forward: remove its hooks, share rank 0's result, say what happened or went wrong."""
