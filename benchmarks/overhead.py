@@ -4,7 +4,8 @@ Runs real ``Trainer.fit`` calls with and without the callback on a norm-free res
 mobilenet_v2 (many small depthwise and pointwise kernels), alternating the configurations in one process so that
 machine load affects them alike, times every training step (``on_train_batch_start`` to ``on_train_batch_end``:
 forward, backward, projection, clipping, optimizer step) and reports the ratios of the medians to the step without
-the callback. It also times the projection of one full set of gradients on its own.
+the callback, for the fused per-step path (:mod:`lightning_msr.fused`, the default) and the eager one. It also times
+the per-step work on one full set of gradients on its own, and the kernel's compile time in a fresh process.
 
 Usage::
 
@@ -15,8 +16,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_msr import MeanShiftRejection
 from lightning_msr.functional import _groups, _project_one_, adaptive_clip_, eligible_weights
+from lightning_msr.fused import FusedWeight, fused_unavailable, project_and_clip_, recenter_and_rescale_, sgd_step_
 
 MODELS = ("resnet18", "mobilenet_v2")
 
@@ -77,15 +82,23 @@ class StepTimer(L.Callback):
 # key -> (row label, MeanShiftRejection arguments or None for no callback)
 CONFIGS: dict[str, tuple[str, Optional[dict]]] = {
     "none": ("without the callback", None),
-    "default": ("`MeanShiftRejection()` (projection + adaptive clipping, the defaults)", {}),
-    "projection": ("`MeanShiftRejection(adaptive_clip=None)` (the projection alone)", {"adaptive_clip": None}),
-    "backward": (
-        "`MeanShiftRejection(adaptive_clip=None, projection_timing='backward')` (in backward hooks)",
-        {"adaptive_clip": None, "projection_timing": "backward"},
+    "default": ("`MeanShiftRejection()` (projection + adaptive clipping, fused: the defaults)", {}),
+    "eager": (
+        "`MeanShiftRejection(implementation='eager')` (the same work in eager PyTorch)",
+        {"implementation": "eager"},
     ),
     "keep_magnitude": (
-        "`MeanShiftRejection(keep_magnitude=True)` (+ filter norms held after each step)",
+        "`MeanShiftRejection(keep_magnitude=True)` (+ filter norms held after each step, fused)",
         {"keep_magnitude": True},
+    ),
+    "keep_magnitude_eager": (
+        "`MeanShiftRejection(keep_magnitude=True, implementation='eager')`",
+        {"keep_magnitude": True, "implementation": "eager"},
+    ),
+    "projection": ("`MeanShiftRejection(adaptive_clip=None)` (the projection alone, fused)", {"adaptive_clip": None}),
+    "backward": (
+        "`MeanShiftRejection(adaptive_clip=None, projection_timing='backward')` (eager, in backward hooks)",
+        {"adaptive_clip": None, "projection_timing": "backward"},
     ),
 }
 
@@ -109,9 +122,10 @@ def run(
 
 
 def projection_alone(model: nn.Module, repeats: int) -> dict[str, float]:
-    """Time the per-step work on one full set of gradients by itself (median CPU ms of ``repeats``): the projection
-    (lightning_msr's and a naive per-tensor mean), and the projection followed by the adaptive clipping of the
-    defaults (:func:`~lightning_msr.functional.adaptive_clip_`)."""
+    """Time the per-step work on one full set of gradients by itself (median CPU ms of ``repeats``): the eager
+    projection (lightning_msr's and a naive per-tensor mean), the eager projection followed by the adaptive clipping
+    of the defaults (:func:`~lightning_msr.functional.adaptive_clip_`), the same in the fused kernel's single pass,
+    and ``keep_magnitude``'s rescaling of the weights, eager and fused."""
     weights = [w for w in eligible_weights(model) if w.centrable]
     params = [nn.Parameter(w.parameter.detach().clone()) for w in weights]
     for p in params:
@@ -133,11 +147,43 @@ def projection_alone(model: nn.Module, repeats: int) -> dict[str, float]:
         lib()
         adaptive_clip_(params, 0.1)
 
-    cases = (
+    targets = [torch.linalg.vector_norm(p.detach().flatten(1), dim=1) for p in params]
+
+    def keep_eager() -> None:
+        for p, target in zip(params, targets):
+            norms = torch.linalg.vector_norm(p.detach().flatten(1), dim=1)
+            p.data.mul_((target / norms.clamp(min=1e-30)).view(-1, *([1] * (p.dim() - 1))))
+
+    cases = [
         ("projection (lightning_msr)", lib),
         ("projection (naive per-tensor mean)", naive),
-        ("projection, then adaptive clipping (the defaults)", two_passes),
-    )
+        ("projection, then adaptive clipping (eager: the work of `implementation='eager'`)", two_passes),
+        ("keep_magnitude's rescaling (eager)", keep_eager),
+    ]
+    optimizer = torch.optim.SGD(params, lr=1e-6, momentum=0.9)  # a tiny lr: the weights barely change
+    optimizer.step()  # the momentum buffers exist, as in every step but the first
+
+    def eager_and_sgd() -> None:
+        two_passes()
+        optimizer.step()
+
+    cases += [
+        ("SGD's update alone (part of every step, with or without the callback)", optimizer.step),
+        ("projection, adaptive clipping, then SGD's update (eager)", eager_and_sgd),
+    ]
+    if fused_unavailable() is None:
+        fused = [FusedWeight.of(p, clip=0.1) for p in params]
+        kept = [FusedWeight.of(p, alpha=0.0, target=t) for p, t in zip(params, targets)]
+        fused_keep = [FusedWeight.of(p, clip=0.1, target=t) for p, t in zip(params, targets)]
+        cases += [
+            ("projection + adaptive clipping in one pass (fused)", lambda: project_and_clip_(fused)),
+            ("keep_magnitude's rescaling (fused)", lambda: recenter_and_rescale_(kept)),
+            (
+                "projection + adaptive clipping + SGD's update in one pass (fused: the defaults)",
+                lambda: sgd_step_(optimizer, fused),
+            ),
+            ("the same + keep_magnitude's rescaling (fused)", lambda: sgd_step_(optimizer, fused_keep)),
+        ]
     with torch.no_grad():
         for name, fn in cases:
             times = []
@@ -149,6 +195,20 @@ def projection_alone(model: nn.Module, repeats: int) -> dict[str, float]:
                 times.append(time.process_time() - start)
             out[name] = statistics.median(times) * 1e3
     return out
+
+
+def compile_time() -> Optional[float]:
+    """Seconds to build the fused kernel from scratch, in a fresh process with an empty cache (``None`` if it cannot
+    be built here)."""
+    code = (
+        "from lightning_msr.fused import compile_seconds, fused_unavailable\n"
+        "print(compile_seconds() if fused_unavailable() is None else -1)"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "LIGHTNING_MSR_CACHE": cache}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    seconds = float(done.stdout.strip().splitlines()[-1])
+    return seconds if seconds >= 0 else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -170,6 +230,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     order = ["none"] + [c for c in args.configs if c != "none"]
     result: dict[str, float] = {}
+    compiled = compile_time()
+    if compiled is not None:
+        result["compile_seconds"] = compiled
+    why_not = fused_unavailable()
     lines = [
         "# MeanShiftRejection step-time overhead",
         "",
@@ -178,6 +242,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"({torch.get_num_threads()} threads), {args.rounds} alternating rounds of {args.steps} steps per "
         "configuration; medians over all timed steps. Produced by `python benchmarks/overhead.py`."
         + (f" {args.note}" if args.note else ""),
+        "",
+        (
+            f"The fused kernel (`lightning_msr.fused`) took **{compiled:.2f} s** to compile from scratch in a fresh "
+            "process; it is compiled once per machine and loaded from the cache afterwards."
+            if compiled is not None
+            else f"The fused kernel is not available here ({why_not}): every configuration ran the eager path."
+        ),
         "",
     ]
     for model_name in args.models:
@@ -201,6 +272,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             result[f"wall_ratio[{model_name},{key}]"] = median(key, 0) / median("none", 0)
             result[f"cpu_ratio[{model_name},{key}]"] = median(key, 1) / median("none", 1)
         result.update({f"projection_cpu_ms[{model_name},{k}]": v for k, v in alone.items()})
+        work_lines = []
+        if compiled is not None and "default" in times and "eager" in times:
+            saved = median("eager", 1) - median("default", 1)
+            pays = f", so the {compiled:.2f} s compile pays for itself after {compiled * 1e3 / saved:.0f} steps"
+            pays = pays if saved > 0 else ""
+            work_lines = [f"Fused against eager: {saved:.1f} ms of CPU time saved per step{pays}.", ""]
         n_conv = sum(w.parameter.numel() for w in eligible_weights(model.net) if w.centrable) / 1e6
         lines += [
             f"## {model_name}",
@@ -214,9 +291,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 for key in order
             ],
             "",
-            f"| per-step work on all {n_conv:.1f} M conv gradients on its own (CPU time) | |",
-            "|---|---|",
-            *[f"| {k} | {v:.2f} ms |" for k, v in alone.items()],
+            *work_lines,
+            f"| per-step work on all {n_conv:.1f} M conv gradients on its own (CPU time) | | as a share of the step "
+            "without the callback |",
+            "|---|---|---|",
+            *[f"| {k} | {v:.2f} ms | {v / median('none', 1) * 100:.1f} % |" for k, v in alone.items()],
             "",
         ]
     lines += [EXPLANATION, ""]
@@ -230,19 +309,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 EXPLANATION = (
     "CPU time is what the step costs this process; it is less disturbed than wall time when other processes "
-    "share the machine, but on this 2-core machine the step ratios still move by about 5-8 % between runs, more "
+    "share the machine, but on this 2-core machine the step ratios still move by about 5 % between runs, more "
     "than the per-step work itself: read them together with the per-step work on its own, which is the cost the "
-    "callback adds. That work is memory-bound: eager PyTorch reads each gradient twice and writes it once for "
-    "the projection (group means, then the subtraction), and the adaptive clipping reads gradients and weights "
-    "once more and rewrites the gradients. Only fusing it into the optimizer's own pass over the gradients can "
-    "reach the 1.02 target. Tried and measured (torch 2.14.1, CPU): `torch.compile` of the projection fused with "
-    "SGD's update fails in inductor's C++ code generation (`KeyError` on a buffer when a group reduction feeds "
-    "in-place updates of two inputs), and with fusion turned off it compiles to a step 3x slower than SGD alone; "
-    "the compiled projection alone took 3.7 ms on a 512x512x3x3 gradient where SGD's whole update took 2.2 ms; "
-    "an eager single pass for projection + clipping (the clipping norm from `||g||^2 - K mean^2`, one `addcmul`) "
-    "was 2x slower than the two passes, because row norms over 9-element kernels and broadcast `addcmul` are "
-    "slow CPU kernels. The per-kernel backward hooks and the single pass at the optimizer step cost the same "
-    "within the noise."
+    "callback adds (its share of the step is the overhead the step ratio would show without noise). That work "
+    "is memory-bound. Eager PyTorch reads each gradient twice and writes it once for the projection (group means, "
+    "then the subtraction), the adaptive clipping reads gradients and weights once more and rewrites the "
+    "gradients, and SGD then reads gradient, weight and momentum buffer again. The fused kernel "
+    "(`lightning_msr.fused`) does the projection and the clipping filter by filter while each filter is in cache, "
+    "and with SGD (and no hook that looks at the gradients before the step) inside SGD's own pass over the "
+    "weight and the momentum buffer, so the callback's work is arithmetic on data SGD reads anyway. "
+    "Tried and measured before it (torch 2.14.1, CPU): `torch.compile` of the projection fused with SGD's update "
+    "fails in inductor's C++ code generation (`KeyError` on a buffer when a group reduction feeds in-place updates "
+    "of two inputs), and with fusion turned off it compiles to a step 3x slower than SGD alone; the compiled "
+    "projection alone took 3.7 ms on a 512x512x3x3 gradient where SGD's whole update took 2.2 ms; an eager single "
+    "pass for projection + clipping was 2x slower than the two passes."
 )
 
 

@@ -9,9 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_msr.fused import fused_unavailable
+
+# Tests of the fused kernel need a C compiler (every machine this project runs CI on has one).
+needs_fused_kernel = pytest.mark.skipif(
+    fused_unavailable() is not None, reason=f"the fused kernel is not available: {fused_unavailable()}"
+)
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.05),

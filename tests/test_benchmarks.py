@@ -35,7 +35,7 @@ def test_overhead_tiny_reports_ratios():
         sys.path.remove(str(BENCH))
     result = main(["--tiny"])
     for model in ("resnet18", "mobilenet_v2"):
-        for config in ("default", "projection", "backward", "keep_magnitude"):
+        for config in ("default", "eager", "projection", "backward", "keep_magnitude", "keep_magnitude_eager"):
             for clock in ("wall_ratio", "cpu_ratio"):
                 key = f"{clock}[{model},{config}]"
                 assert 0.0 < result[key] < 20.0, (key, result[key])  # tiny runs on a shared machine are noisy

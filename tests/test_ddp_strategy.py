@@ -30,6 +30,7 @@ from torch import nn
 
 from lightning_msr import MSRConfigurationError, MSRDDPStrategy, MSRWarning
 from lightning_msr.functional import mean_shift
+from lightning_msr.fused import fused_unavailable
 from lightning_msr.strategies import ddp as ddp_module
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "msr_ddp_run.py"
@@ -328,6 +329,21 @@ def test_ranks_end_bit_identical_after_training(fit_run):
     assert _identical(rank0["end_state"], rank1["end_state"])
     for key in CONV_WEIGHTS:
         assert not torch.equal(rank0["start_state"][key], rank0["end_state"][key]), f"{key} did not train"
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("implementation", ["fused", "eager"])
+def test_both_per_step_paths_keep_ranks_bit_identical(fit_run, tmp_path, implementation):
+    """The default run above takes the fused kernel where it can (a C compiler here); the eager path is checked in
+    its own run. Both must leave the two ranks with identical weights."""
+    if implementation == "fused":
+        records = fit_run.records
+        assert all(r["fused"] is (fused_unavailable() is None) for r in records)
+    else:
+        records = _records(tmp_path, _run(tmp_path, "--noise", "--implementation", "eager"))
+        assert not any(r["fused"] for r in records)
+    assert _identical(records[0]["end_state"], records[1]["end_state"])
+    assert not torch.equal(records[0]["start_state"]["net.0.weight"], records[0]["end_state"]["net.0.weight"])
 
 
 @pytest.mark.ddp

@@ -19,6 +19,7 @@ from torch import nn
 
 from lightning_msr import MeanShiftRejection, MSRConfigurationError, MSRWarning
 from lightning_msr.functional import _filter_norms, eligible_weights, mean_shift
+from lightning_msr.fused import fused_unavailable
 
 
 def worst_mean_shift(model: nn.Module) -> float:
@@ -153,19 +154,24 @@ def test_auto_timing_choices(tmp_path):
     cb = MeanShiftRejection()
     trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(ConvNet(), loader())
     assert cb.projects_in_backward is False  # reset at teardown
-    seen = {}
 
     class Spy(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            seen["backward"] = cb.projects_in_backward
-            seen["hooks"] = param_hooks(pl_module)
+        def __init__(self, msr):
+            self.msr, self.seen = msr, {}
 
-    model = ConvNet()
-    trainer(tmp_path, max_steps=1, callbacks=[cb, Spy()]).fit(model, loader())
-    assert seen["backward"] is True and seen["hooks"] > 0
-    cb_alpha = MeanShiftRejection(alpha=0.5)
-    trainer(tmp_path, max_steps=1, callbacks=[cb_alpha, Spy()]).fit(ConvNet(), loader())
-    assert seen["hooks"] == 0
+        def on_train_start(self, trainer, pl_module):
+            self.seen = {"backward": self.msr.projects_in_backward, "hooks": param_hooks(pl_module)}
+
+    def seen(msr):
+        spy = Spy(msr)
+        trainer(tmp_path, max_steps=1, callbacks=[msr, spy]).fit(ConvNet(), loader())
+        return spy.seen
+
+    # with the fused kernel (a C compiler here) the projection runs at the step, in its single pass
+    assert seen(MeanShiftRejection())["backward"] is (fused_unavailable() is not None)
+    eager = seen(MeanShiftRejection(implementation="eager"))
+    assert eager["backward"] is True and eager["hooks"] > 0
+    assert seen(MeanShiftRejection(alpha=0.5, implementation="eager"))["hooks"] == 0
 
 
 def test_logs_mean_shift_at_logging_interval(tmp_path):

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import ConvNet, WeightRecorder, conv_weights, loader, trainer
+from helpers import ConvNet, WeightRecorder, conv_weights, loader, needs_fused_kernel, trainer
 from lightning.pytorch.callbacks import BackboneFinetuning, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
@@ -137,10 +137,28 @@ def test_accumulation_projects_once_per_optimizer_step_when_alpha_below_one(tmp_
 
     original = module._project_one_
     monkeypatch.setattr(module, "_project_one_", lambda *a: (calls.append(1), original(*a)))
-    cb = MeanShiftRejection(alpha=0.5, calibrate=False)
+    cb = MeanShiftRejection(alpha=0.5, calibrate=False, implementation="eager")
     trainer(tmp_path, max_steps=3, accumulate_grad_batches=4, callbacks=[cb]).fit(ConvNet("sgd"), loader(48, 2))
     n_weights = sum(w.centrable for w in cb.weights)
     assert len(calls) == 3 * n_weights
+
+
+@needs_fused_kernel
+@pytest.mark.free_stem
+@pytest.mark.parametrize(("observer", "fused_call"), [(False, "sgd_step_"), (True, "project_and_clip_")])
+def test_accumulation_runs_the_fused_pass_once_per_optimizer_step(tmp_path, monkeypatch, observer, fused_call):
+    """With SGD and nothing looking at the gradients before the step, the pass does SGD's update of the kernels too
+    (`sgd_step_`); a callback with `on_before_optimizer_step` gets them projected in their own pass before it."""
+    import lightning_msr.callbacks.mean_shift_rejection as module
+
+    calls = []
+    original = getattr(module, fused_call)
+    monkeypatch.setattr(module, fused_call, lambda *args: (calls.append(len(args[-1])), original(*args))[1])
+    cb = MeanShiftRejection(alpha=0.5, calibrate=False, implementation="fused")
+    callbacks = [cb, WeightRecorder()] if observer else [cb]
+    trainer(tmp_path, max_steps=3, accumulate_grad_batches=4, callbacks=callbacks).fit(ConvNet("sgd"), loader(48, 2))
+    assert len(calls) == 3
+    assert calls[0] == sum(w.centrable for w in cb.weights) + 1  # every kernel, and the free stem (clipped)
 
 
 # --------------------------------------------------------------------------- manual optimization

@@ -50,6 +50,8 @@ from lightning_msr.functional import (
     stem_conv,
     zero_mean_init_,
 )
+from lightning_msr.fused import FusedWeight, fused_unavailable, project_and_clip_, recenter_and_rescale_, sgd_step_
+from lightning_msr.fused import unsupported as fused_unsupported
 from lightning_msr.surgery import _shown, find_batchnorm, replace_batchnorm
 
 _INITS = ("zero_mean", "center", "none")
@@ -57,6 +59,7 @@ _TINY = torch.finfo(torch.float32).tiny
 _BATCHNORM = ("error", "warn", "replace", "affine")
 _TIMINGS = ("auto", "backward", "optimizer_step")
 _MODES = ("kernel", "filter")
+_IMPLEMENTATIONS = ("auto", "fused", "eager")
 # Optimizers whose update is linear in the gradient (given their buffers): a zero-mean gradient gives a
 # zero-mean update, so the weights stay on the isocline with no re-centring.
 _LINEAR_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD, torch.optim.ASGD)
@@ -208,6 +211,19 @@ class MeanShiftRejection(Callback):
             scales, gains and biases are not clipped: unit-wise, a zero-initialised one (every bias, the SkipInit
             scales) could only grow by ``adaptive_clip * 1e-3`` per step, which measured 4-7 points worse on a
             ResNet-20. ``None`` turns it off.
+        implementation: how the per-step work runs. ``"fused"`` uses :mod:`lightning_msr.fused` (a small C kernel,
+            compiled once per machine in about a second): with a plain ``torch.optim.SGD`` and nothing that looks at
+            the gradients between backward and the step, one pass over each kernel does the projection, the adaptive
+            clipping, SGD's update and ``keep_magnitude``'s rescaling (``.grad`` is then left unprojected); when a
+            later callback or the LightningModule has an ``on_before_optimizer_step`` (e.g. gradient-norm logging),
+            uses ``configure_gradient_clipping`` or manual optimization, or the optimizer is another one, the
+            projection and clipping run in one pass in ``on_before_optimizer_step``, where those hooks see the
+            projected and clipped gradients, and the rescaling and re-centring in one pass after the step.
+            ``"eager"`` runs the same math as PyTorch operations, the projection in backward hooks where exact. Both
+            give the same weights within float32 rounding. ``"auto"`` (default) takes the fused path where it can --
+            float32 CPU weights, a C compiler, no Trainer gradient clipping (which must see projected gradients), no
+            ``projection_timing="backward"`` -- and otherwise runs the eager one with one info message saying why
+            (e.g. on GPUs); ``"fused"`` warns instead when it cannot be taken.
 
     Raises:
         MSRConfigurationError: for an argument out of range (at construction), and at ``setup`` for BatchNorm
@@ -264,6 +280,7 @@ class MeanShiftRejection(Callback):
         calibrate: bool = True,
         residual_scale: float = 0.0,
         adaptive_clip: Optional[float] = 0.1,
+        implementation: Literal["auto", "fused", "eager"] = "auto",
     ) -> None:
         super().__init__()
         self._alpha = _check_in_range("alpha", alpha, 0.0, 1.0)
@@ -288,11 +305,13 @@ class MeanShiftRejection(Callback):
         self._calibrate = _check_bool("calibrate", calibrate)
         self._residual_scale = _check_in_range("residual_scale", residual_scale, 0.0, 1.0)
         self._adaptive_clip = None if adaptive_clip is None else _check_positive("adaptive_clip", adaptive_clip)
+        self._implementation = _check_choice("implementation", implementation, _IMPLEMENTATIONS)
 
         # model-dependent state, filled at setup
         self._weights: Optional[list[KernelWeight]] = None
         self._stem: Optional[nn.Module] = None  # the conv reading the input, left free (include_stem=False)
         self._layouts: dict[int, tuple[nn.Parameter, _Groups, str]] = {}
+        self._transposed: dict[int, bool] = {}  # per kernel: whether it belongs to a ConvTranspose
         self._grad_handles: dict[int, RemovableHandle] = {}
         self._step_handles: list[RemovableHandle] = []
         self._recenter_optimizers: set[int] = set()
@@ -303,6 +322,15 @@ class MeanShiftRejection(Callback):
         self._clip_params: dict[int, tuple[int, list[nn.Parameter]]] = {}
         self._frozen: list[int] = []  # kernels without a backward hook yet because they do not require grad
         self._project_in_backward = False
+        # the fused per-step path (`implementation`): whether this fit takes it, and what the kernel does to the
+        # weights of each optimizer (cached per optimizer, rebuilt when the kept norms change)
+        self._fused = False
+        self._fused_weights_of: dict[int, tuple[tuple[int, int], list[FusedWeight]]] = {}
+        self._targets_version = 0
+        # the SGD optimizers whose update of the kernels the fused pass does itself, and the gradients set aside
+        # while SGD's own loop steps the other parameters
+        self._fused_sgd: set[int] = set()
+        self._set_aside: dict[int, list[tuple[Tensor, Optional[Tensor]]]] = {}
         self._model_ref: Optional[weakref.ReferenceType] = None
         self._deferred = False
         self._trainer_spawns = False
@@ -314,6 +342,7 @@ class MeanShiftRejection(Callback):
         self._calibration_due = False
         self._acted_on: list[str] = []  # the weights this fit acts on, seen by a second MeanShiftRejection
         self._restored_state = False  # the checkpoint resumed from holds this callback's state (trained with MSR)
+        self._restored_norms: Optional[dict[str, Tensor]] = None  # the norms kept by the run resumed from
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -325,6 +354,11 @@ class MeanShiftRejection(Callback):
     def weights(self) -> list[KernelWeight]:
         """The weights acted on (empty before ``setup``)."""
         return list(self._weights or [])
+
+    @property
+    def fused(self) -> bool:
+        """Whether the current fit takes the fused per-step path (see ``implementation``)."""
+        return self._fused
 
     @property
     def projects_in_backward(self) -> bool:
@@ -344,7 +378,7 @@ class MeanShiftRejection(Callback):
             f"batchnorm={self._batchnorm!r}, mode={self._mode!r}, recenter={self._recenter}, "
             f"keep_magnitude={self._keep_magnitude}, projection_timing={self._timing!r}, "
             f"calibrate={self._calibrate}, residual_scale={self._residual_scale}, "
-            f"adaptive_clip={self._adaptive_clip})"
+            f"adaptive_clip={self._adaptive_clip}, implementation={self._implementation!r})"
         )
 
     # ------------------------------------------------------------------ setup: surgery and initialisation
@@ -441,6 +475,7 @@ class MeanShiftRejection(Callback):
             )
             for w in weights
         }
+        self._transposed = {id(w.parameter): w.transposed for w in weights}
         self._model_ref = weakref.ref(pl_module)
         names = {w.name for w in weights}
         _check_single_owner(getattr(pl_module, "_trainer", None), self, names.__contains__, "conv weight(s)")
@@ -613,19 +648,80 @@ class MeanShiftRejection(Callback):
             # NoiseInjection's in-place noise, and so the resumed run's last bits)
             self._calibration_due = False
             self._first_report = CalibrationReport()
-        self._project_in_backward = self._choose_backward(trainer)
+        self._fused = self._choose_fused(trainer)
+        self._project_in_backward = not self._fused and self._choose_backward(trainer)
         self._recenter_optimizers = set()
         self._optimizer_params = {}
         self._clip_params = {}
+        self._fused_weights_of = {}
+        self._fused_sgd = set()
+        self._set_aside = {}
         # after restoring a checkpoint and DDP's broadcast: the norms every rank keeps are identical
-        self._target_norms = self._capture_norms() if self._keep_magnitude else {}
+        self._target_norms = self._capture_norms(self._restored_norms) if self._keep_magnitude else {}
+        self._restored_norms = None
+        self._targets_version += 1
         for optimizer in trainer.optimizers:
             if self._needs_recentering(optimizer, clip_by_value):
                 self._recenter_optimizers.add(id(optimizer))
-            if id(optimizer) in self._recenter_optimizers or self._keep_magnitude:
+            if self._fused and self._fuse_with_sgd(trainer, pl_module, optimizer):
+                self._fused_sgd.add(id(optimizer))
+                self._step_handles.append(optimizer.register_step_pre_hook(self._fused_step_pre))
+                self._step_handles.append(optimizer.register_step_post_hook(self._fused_step_post))
+            elif id(optimizer) in self._recenter_optimizers or self._keep_magnitude:
                 self._step_handles.append(optimizer.register_step_post_hook(self._after_step))
         if self._project_in_backward:
             self._register_grad_hooks()
+
+    def _choose_fused(self, trainer: pl.Trainer) -> bool:
+        """Whether this fit takes the fused per-step path; says why not, once, when it was possible to ask for."""
+        if self._implementation == "eager" or not self._weights:
+            return False
+        reason = self._why_not_fused(trainer)
+        if reason is None:
+            return True
+        if self._implementation == "fused":
+            rank_zero_warn(
+                f"MeanShiftRejection(implementation='fused') runs the eager per-step path instead: {reason}.",
+                category=MSRWarning,
+            )
+        else:
+            rank_zero_info(f"MeanShiftRejection: the eager per-step path runs ({reason}).")
+        return False
+
+    def _fuse_with_sgd(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> bool:
+        """Whether the fused pass can also do ``optimizer``'s update of the kernels: a plain ``torch.optim.SGD``, and
+        nothing that would look at the projected gradients between backward and the step -- no other callback's or
+        the LightningModule's ``on_before_optimizer_step``, no ``configure_gradient_clipping``, no manual
+        optimization (whose ``training_step`` sees the gradients). Otherwise the gradients are projected and clipped
+        in their own pass before the step, where every such hook sees them."""
+        if type(optimizer) is not torch.optim.SGD or optimizer.defaults.get("differentiable", False):
+            return False
+        if not pl_module.automatic_optimization:
+            return False
+        if any(is_overridden(name, pl_module) for name in ("on_before_optimizer_step", "configure_gradient_clipping")):
+            return False
+        others = [cb for cb in trainer.callbacks if cb is not self]
+        return not any(is_overridden("on_before_optimizer_step", cb, Callback) for cb in others)
+
+    def _why_not_fused(self, trainer: pl.Trainer) -> Optional[str]:
+        if self._timing == "backward":
+            return "`projection_timing='backward'` asks for the projection in backward hooks"
+        if trainer.gradient_clip_val:
+            return (
+                "the Trainer clips gradients (`gradient_clip_val`) before the optimizer step, and it must see them "
+                "projected"
+            )
+        for w in self._weights or []:
+            why = fused_unsupported(
+                w.parameter, transposed=w.transposed, mode=self._mode, keep_magnitude=self._keep_magnitude
+            )
+            if why is not None:
+                return f"the fused kernel cannot take {w.name!r}: {why}"
+        if self._stem is not None and self._adaptive_clip is not None:
+            why = fused_unsupported(self._stem.weight)
+            if why is not None:
+                return f"the fused kernel cannot take the stem's weight: {why}"
+        return fused_unavailable()
 
     def _choose_backward(self, trainer: pl.Trainer) -> bool:
         if self._timing == "optimizer_step" or self._alpha != 1.0:
@@ -720,6 +816,7 @@ class MeanShiftRejection(Callback):
                             _broadcast_(trainer, param)
             if self._keep_magnitude:
                 self._target_norms = self._capture_norms()  # the calibrated filter norms are the ones to keep
+                self._targets_version += 1
             if report is not None:
                 rank_zero_info(
                     f"MeanShiftRejection: calibrated {len(report.calibrated)} layer(s) on the first training batch "
@@ -768,6 +865,10 @@ class MeanShiftRejection(Callback):
     ) -> None:
         if self._first_pass is not None:
             self._close_first_pass(trainer)
+        if self._fused:
+            if id(optimizer) not in self._fused_sgd:  # SGD's is done inside its step, with the update
+                project_and_clip_(self._fused_weights(optimizer))  # the projection and clipping in one pass
+            return
         if not self._project_in_backward and self._alpha != 0.0:
             with torch.no_grad():
                 for param, layout in self._params_of(optimizer):
@@ -775,6 +876,67 @@ class MeanShiftRejection(Callback):
                         _project_one_(param.grad, layout, self._alpha)
         if self._adaptive_clip is not None:
             adaptive_clip_(self._clipped_of(optimizer), self._adaptive_clip)
+
+    def _fused_weights(self, optimizer: torch.optim.Optimizer) -> list[FusedWeight]:
+        """What the fused kernel does to each weight ``optimizer`` steps: the kernels MSR acts on (projected,
+        clipped, re-centred and rescaled as configured), then the free stem (clipped only). Rebuilt when a param
+        group is added or the kept norms change (calibration)."""
+        key = (len(optimizer.param_groups), self._targets_version)
+        cached = self._fused_weights_of.get(id(optimizer))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        clip = self._adaptive_clip
+        clipped = {id(p) for p in self._clipped_of(optimizer)} if clip is not None else set()
+        recenter = id(optimizer) in self._recenter_optimizers
+        weights = []
+        for param, _ in self._params_of(optimizer):
+            kept = self._target_norms.get(id(param))
+            weights.append(
+                FusedWeight.of(
+                    param,
+                    mode=self._mode,
+                    transposed=self._transposed[id(param)],
+                    alpha=self._alpha,
+                    clip=clip if id(param) in clipped else None,
+                    recenter=recenter,
+                    target=kept[0] if kept is not None else None,
+                )
+            )
+        for param in self._clipped_of(optimizer) if clip is not None else []:
+            if id(param) not in self._layouts:
+                weights.append(FusedWeight.of(param, alpha=0.0, clip=clip))
+        self._fused_weights_of[id(optimizer)] = (key, weights)
+        return weights
+
+    def _fused_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Optional[tuple]:
+        """Before ``SGD.step``: update the kernels in the fused pass once their gradients are final -- inside the
+        closure, after it has run backward (Lightning's automatic optimization steps with a closure), or now (a
+        step without a closure, e.g. AMP's ``GradScaler.step``, which runs the closure first)."""
+        # `args` are those of the wrapped `step`, starting with the optimizer itself
+        closure = kwargs.get("closure") if "closure" in kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._fused_update(optimizer)
+            return None
+
+        def closure_then_update() -> Any:
+            loss = closure()
+            self._fused_update(optimizer)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_update}
+        return (args[0], closure_then_update, *args[2:]), kwargs
+
+    def _fused_update(self, optimizer: torch.optim.Optimizer) -> None:
+        updated = sgd_step_(optimizer, self._fused_weights(optimizer))
+        # SGD's own loop then skips the kernels (it steps the parameters that have a gradient); given back after it
+        self._set_aside[id(optimizer)] = [(p, p.grad) for p in updated]
+        for p in updated:
+            p.grad = None
+
+    def _fused_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for param, grad in self._set_aside.pop(id(optimizer), []):
+            param.grad = grad
 
     def _clipped_of(self, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
         """The parameters ``optimizer`` steps that adaptive clipping acts on: the filters of the convs MSR acts on
@@ -805,17 +967,28 @@ class MeanShiftRejection(Callback):
         self._optimizer_params[id(optimizer)] = (len(groups), found)
         return found
 
-    def _capture_norms(self) -> dict[int, tuple[Tensor, Optional[Tensor], bool, int]]:
+    def _capture_norms(
+        self, restored: Optional[dict[str, Tensor]] = None
+    ) -> dict[int, tuple[Tensor, Optional[Tensor], bool, int]]:
+        """The filter norms to keep: measured now, or for a resumed fit the ones the checkpoint's run kept (the
+        weights' own norms equal those only to float32 rounding, and a resumed run must repeat the bits)."""
         captured = {}
         with torch.no_grad():
             for w in self._weights or []:
                 target = _filter_norms(w.parameter, self._mode, w.transposed, w.groups, dtype=torch.float32)
+                kept = (restored or {}).get(w.name)
+                # a sharded weight's norms are those of this rank's rows, and the checkpoint holds rank 0's
+                if kept is not None and kept.shape == target.shape and not is_sharded(w.parameter):
+                    target = kept.to(device=target.device, dtype=target.dtype)
                 # a filter that is all zero now has no direction to keep: it is left free (ratio 1)
                 free = target == 0
                 captured[id(w.parameter)] = (target, free if bool(free.any()) else None, w.transposed, w.groups)
         return captured
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._fused:  # re-centring and rescaling in one pass over each weight
+            recenter_and_rescale_([w for w in self._fused_weights(optimizer) if w.parameter.grad is not None])
+            return
         recenter = id(optimizer) in self._recenter_optimizers
         with torch.no_grad():
             for param, layout in self._params_of(optimizer):
@@ -853,6 +1026,10 @@ class MeanShiftRejection(Callback):
 
     # ------------------------------------------------------------------ teardown and checkpoints
     def _remove_hooks(self) -> None:
+        for aside in self._set_aside.values():  # a step that raised between the fused pass and SGD's loop
+            for param, grad in aside:
+                param.grad = grad
+        self._set_aside = {}
         if self._first_pass is not None:
             self._first_pass.close()
             self._first_pass = None
@@ -866,14 +1043,21 @@ class MeanShiftRejection(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
         self._project_in_backward = False
+        self._fused = False
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"initialized": self._initialized, "alpha": self._alpha, "mode": self._mode}
+        state: dict[str, Any] = {"initialized": self._initialized, "alpha": self._alpha, "mode": self._mode}
+        if self._keep_magnitude and self._target_norms:
+            names = {id(w.parameter): w.name for w in self._weights or []}
+            kept = self._target_norms.items()
+            state["kept_norms"] = {names[key]: norms.detach().cpu().clone() for key, (norms, *_) in kept}
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_state = True
+        self._restored_norms = state_dict.get("kept_norms")
         self._initialized = bool(state_dict.get("initialized", self._initialized))
         self._calibration_due = False  # the weights come from a checkpoint
         model = self._model_ref() if self._model_ref is not None else None

@@ -83,6 +83,8 @@ class Recorder(Callback):
         self.record["node_rank"] = trainer.node_rank
         self.record["num_nodes"] = trainer.num_nodes
         self.record["cluster_environment"] = type(trainer.strategy.cluster_environment).__name__
+        msr = [c for c in trainer.callbacks if type(c).__name__ == "MeanShiftRejection"]
+        self.record["fused"] = bool(msr and msr[0].fused)
         wrapper = trainer.strategy.model
         self.record["ddp_broadcast_buffers"] = bool(getattr(wrapper, "broadcast_buffers", True))
 
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--noise", action="store_true", help="add NoiseInjection(scale=0.15, shift=0.1)")
     parser.add_argument("--keep-magnitude", action="store_true", help="MeanShiftRejection(keep_magnitude=True)")
     parser.add_argument("--no-calibrate", action="store_true", help="MeanShiftRejection(calibrate=False)")
+    parser.add_argument("--implementation", default="auto", choices=["auto", "fused", "eager"])
     parser.add_argument("--sync-batchnorm", action="store_true")
     parser.add_argument("--legacy-buffers", action="store_true", help="take the torch < 2.13 buffer-sync path")
     parser.add_argument("--ckpt-in", default=None, help="resume from this checkpoint")
@@ -162,6 +165,7 @@ def main() -> None:
                 batchnorm=args.msr_batchnorm,
                 keep_magnitude=args.keep_magnitude,
                 calibrate=not args.no_calibrate,
+                implementation=args.implementation,
                 include_stem=True,  # every conv, as the in-process mechanism tests (tests/conftest.py)
             )
         )
