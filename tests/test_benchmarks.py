@@ -40,6 +40,9 @@ def test_overhead_tiny_reports_ratios():
                 key = f"{clock}[{model},{config}]"
                 assert 0.0 < result[key] < 20.0, (key, result[key])  # tiny runs on a shared machine are noisy
         assert result[f"projection_cpu_ms[{model},projection (lightning_msr)]"] > 0
+        fused = ("default", "keep_magnitude") if "compile_seconds" in result else ()
+        for config in ("eager", *fused):  # the callback's work alone, relative to the step without it
+            assert 0.5 < result[f"work_ratio[{model},{config}]"] < 20.0
 
 
 def test_noise_tiny_writes_table(tmp_path):
