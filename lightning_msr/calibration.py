@@ -431,7 +431,7 @@ def _calibrate_weight(module: nn.Module, y: Tensor, target: float, reduce: Optio
 def calibrate(
     model: nn.Module,
     *,
-    residual_scale: float = 0.0,
+    residual_scale: float = 0.3,
     convs: Optional[Sequence[nn.Module]] = None,
     exclude: Optional[Sequence[str]] = None,
     reduce: Optional[Reduce] = None,
@@ -444,7 +444,8 @@ def calibrate(
     :func:`gain_sites`) then corrects what is left, e.g. the share of the signal that Deep Control's mean
     subtraction removes: its output gets mean = its bias and standard deviation = ``|scale|`` (a fresh
     BatchNorm's 0 and 1; a scale set to 0 stays 0). The end of every residual branch gets standard deviation
-    ``residual_scale`` times that (0: the block starts as the identity, SkipInit).
+    ``residual_scale`` times that (default 0.3, as ``MeanShiftRejection``'s; 0: the block starts as the identity,
+    SkipInit).
 
     Where the conv carries its own per-channel scale (a :class:`~lightning_msr.nn.ScaledConv2d`, BatchNorm
     folded into it), that scale takes the normalisation and the filters keep their drawn norm: this is

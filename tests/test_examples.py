@@ -6,6 +6,7 @@ import csv
 import doctest
 import hashlib
 import importlib
+import math
 import pickle
 import sys
 from pathlib import Path
@@ -114,7 +115,7 @@ def test_run_demo_on_a_subset_writes_table_csv_and_plot(tmp_path, capsys, one_th
     for r in results:
         assert r.epochs == 1 and r.steps == 48 // r.batch_size
         assert 0.0 <= r.test_acc <= 1.0 and r.seconds > 0
-        assert r.lr == pytest.approx(demo.BASE_LR[r.method] * r.batch_size / 64)
+        assert r.lr == pytest.approx(demo.learning_rate(r.method, r.batch_size))
         if r.method == "MSR + noise":  # the MSR run really ran MSR: its kernels are on the zero-mean isocline
             assert r.mean_shift < 1e-5
         else:
@@ -127,6 +128,21 @@ def test_run_demo_on_a_subset_writes_table_csv_and_plot(tmp_path, capsys, one_th
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.count("| MSR + noise |") == 2
     assert (tmp_path / "accuracy_vs_batch_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_learning_rates_scale_linearly_then_with_the_square_root():
+    base = demo.BASE_LR["MSR + noise"]
+    assert demo.learning_rate("MSR + noise", 64) == base
+    assert demo.learning_rate("MSR + noise", 8) == pytest.approx(base / 8)
+    assert demo.learning_rate("MSR + noise", 2) == pytest.approx(base / 8 / 2)
+    assert demo.learning_rate("MSR + noise", 1) == pytest.approx(base / 8 / math.sqrt(8))
+
+
+def test_demo_trains_fewer_epochs_only_below_batch_8():
+    assert [demo.epochs_at(b, 10) for b in (64, 8, 4, 1)] == [10, 10, 2, 2]
+    assert demo.epochs_at(1, 3) == 1
+    # batch 1 still takes more optimizer steps than batch 8 over the demo's 1257 training images
+    assert demo.epochs_at(1, 10) * 1257 > demo.epochs_at(8, 10) * math.ceil(1257 / 8)
 
 
 def test_demo_training_learns(one_thread):

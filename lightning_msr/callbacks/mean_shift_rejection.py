@@ -201,8 +201,11 @@ class MeanShiftRejection(Callback):
             Without it, zero-mean kernels of a fixed norm shrink the signal of most standard architectures by
             orders of magnitude before it reaches the classifier. ``False`` keeps the paper's plain draw.
         residual_scale: standard deviation of the last layer of every residual branch after calibration,
-            relative to BatchNorm's 1, in ``[0, 1]``: ``0`` starts every residual block as the identity (SkipInit),
-            which keeps residual sums bounded in deep networks; ``1`` is BatchNorm's start.
+            relative to BatchNorm's 1, in ``[0, 1]``. The default ``0.3`` starts every branch small, so that
+            residual sums stay bounded in deep networks (the model zoo's resnet152 starts within 10x of BatchNorm's
+            classifier input), but not silent: on a Fashion-MNIST ResNet-20 it measured 10 points better than
+            ``0`` (SkipInit, where no branch weight gets a gradient until the branch's scale has moved) after 80
+            steps and 3.4 better after 237, and ``1`` (BatchNorm's start) 43 points worse.
         adaptive_clip: unit-wise adaptive gradient clipping (NFNets, Brock et al. 2021) of the conv filters (of
             the convs MSR acts on and of the stem), in ``on_before_optimizer_step`` (after the projection): no
             output filter gets a gradient larger than ``adaptive_clip`` times its own norm
@@ -278,7 +281,7 @@ class MeanShiftRejection(Callback):
         strict: bool = False,
         seed: Optional[int] = None,
         calibrate: bool = True,
-        residual_scale: float = 0.0,
+        residual_scale: float = 0.3,
         adaptive_clip: Optional[float] = 0.1,
         implementation: Literal["auto", "fused", "eager"] = "auto",
     ) -> None:
@@ -845,7 +848,8 @@ class MeanShiftRejection(Callback):
             "Let MeanShiftRejection set the gains from the first batch (`calibrate=True`, the default for "
             "`init='zero_mean'`), or pass `init='zero_mean'` for weights it may redraw."
             if not self._calibrate or self._init != "zero_mean"
-            else "Lower the learning rate or check the layer; `residual_scale=0` keeps residual sums bounded."
+            else "Lower the learning rate or check the layer; a smaller `residual_scale` (0: SkipInit) keeps "
+            "residual sums bounded."
         )
         rank_zero_warn(
             f"MeanShiftRejection: at the first training batch the signal {how} at {name!r} (RMS {value:.3g}, "
