@@ -384,3 +384,24 @@ def test_the_fused_sgd_step_takes_the_closure_however_it_is_passed(tmp_path, how
     for w in msr.weights:
         if w.centrable:
             assert float(mean_shift(w.parameter, **w.layout_kwargs())) < 1e-5
+
+
+@pytest.mark.parametrize(("options", "fused_sgd"), [({}, True), ({"fused": True}, False)])
+def test_sgd_with_its_own_fused_kernel_keeps_its_update(tmp_path, monkeypatch, options, fused_sgd):
+    """`SGD(fused=True)` unscales AMP's gradients inside its own kernel, so the callback leaves its update to it."""
+    import lightning_msr.callbacks.mean_shift_rejection as module
+
+    calls = []
+    original = module.sgd_step_
+    monkeypatch.setattr(module, "sgd_step_", lambda *args: (calls.append(1), original(*args))[1])
+
+    class Net(ConvNet):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, **options)
+
+    L.seed_everything(0)
+    model = Net()
+    msr = MeanShiftRejection(implementation="fused")
+    trainer(tmp_path, max_steps=2, callbacks=[msr]).fit(model, loader())
+    assert bool(calls) is fused_sgd
+    assert max(float(mean_shift(w.parameter, **w.layout_kwargs())) for w in msr.weights if w.centrable) < 1e-5

@@ -699,6 +699,8 @@ class MeanShiftRejection(Callback):
         in their own pass before the step, where every such hook sees them."""
         if type(optimizer) is not torch.optim.SGD or optimizer.defaults.get("differentiable", False):
             return False
+        if optimizer.defaults.get("fused"):  # AMP leaves its gradients scaled for SGD's own fused kernel to unscale
+            return False
         if not pl_module.automatic_optimization:
             return False
         if any(is_overridden(name, pl_module) for name in ("on_before_optimizer_step", "configure_gradient_clipping")):
