@@ -52,7 +52,7 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -76,11 +76,12 @@ __all__ = [
 _SOURCE = Path(__file__).parent / "csrc" / "msr_fused.c"
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-pthread")
 _ABI_VERSION = 4
-_N_INTS, _N_REALS = 8, 8
 # the flags of the C kernel
 _PROJECT, _CLIP, _SGD, _MOMENTUM, _FRESH, _NESTEROV, _MAXIMIZE, _RECENTER, _KEEP, _WRITE_GRAD = (
     1 << i for i in range(10)
 )
+_GRADIENT_WORK = _PROJECT | _CLIP  # what reads and changes the gradient
+_WEIGHT_WORK = _RECENTER | _KEEP  # what changes the weight after its update
 
 _lock = threading.Lock()
 _library: Optional[ctypes.CDLL] = None
@@ -173,7 +174,16 @@ def fused_unavailable() -> Optional[str]:
 
 
 def compile_seconds() -> Optional[float]:
-    """How long this process spent compiling the kernel (``None`` if it was loaded from the cache)."""
+    """How long this process spent compiling the kernel (``None`` if it was loaded from the cache, or not built).
+
+    Example::
+
+        >>> from lightning_msr.fused import compile_seconds, fused_unavailable
+        >>> _ = fused_unavailable()  # loads the kernel, building it first if this machine has no cached copy
+        >>> seconds = compile_seconds()
+        >>> seconds is None or seconds > 0
+        True
+    """
     return _compile_seconds
 
 
@@ -247,6 +257,16 @@ class FusedWeight:
     eps: float = 1e-3
     recenter: bool = False
     target: Optional[Tensor] = None
+    _work: int = field(init=False, repr=False, compare=False)  # the kernel's flags for the work above
+
+    def __post_init__(self) -> None:
+        work = (
+            (_PROJECT if self.alpha > 0.0 else 0)
+            | (_CLIP if self.clip is not None else 0)
+            | (_RECENTER if self.recenter else 0)
+            | (_KEEP if self.target is not None else 0)
+        )
+        object.__setattr__(self, "_work", work)
 
     @classmethod
     def of(
@@ -292,22 +312,27 @@ class FusedWeight:
         return cls(parameter, group, alpha, clip, eps, recenter, target)
 
 
-def _describe(weight: FusedWeight, flags: int, grad: Optional[Tensor], buffer: Optional[Tensor]) -> list[int]:
+def _fits(tensor: Tensor, weight: Tensor) -> bool:
+    return (
+        tensor.shape == weight.shape
+        and tensor.dtype == torch.float32
+        and tensor.device.type == "cpu"
+        and tensor.is_contiguous()
+    )
+
+
+def _row(
+    weight: FusedWeight, flags: int, grad: Optional[Tensor] = None, buffer: Optional[Tensor] = None
+) -> list[int]:
+    """The kernel's description of ``weight`` for one call: its (and its gradient's and buffer's) addresses, read
+    now, and its layout."""
     p = weight.parameter
-    for tensor, name in ((grad, "gradient"), (buffer, "momentum buffer")):
-        if tensor is not None and (tensor.shape != p.shape or unsupported(tensor) is not None):
+    for tensor, name in ((p, "weight"), (grad, "gradient"), (buffer, "momentum buffer")):
+        if tensor is not None and not _fits(tensor, p):  # never hand the kernel an address it would misread
             raise MSRConfigurationError(
                 f"The fused kernel needs a contiguous float32 CPU {name} of the weight's shape {tuple(p.shape)}, "
                 f"but got {tuple(tensor.shape)} ({unsupported(tensor) or 'another shape'})."
             )
-    if weight.alpha > 0.0 and grad is not None:
-        flags |= _PROJECT
-    if weight.clip is not None and grad is not None:
-        flags |= _CLIP
-    if weight.recenter:
-        flags |= _RECENTER
-    if weight.target is not None:
-        flags |= _KEEP
     rows = p.shape[0]
     return [
         p.data_ptr(),
@@ -325,7 +350,8 @@ def _reals(weight: FusedWeight, lr: float = 0.0, decay: float = 0.0, momentum: f
     return [weight.alpha, weight.clip or 0.0, weight.eps, lr, decay, momentum, damp, 0.0]
 
 
-def _run(ints: list[list[int]], reals: list[list[float]], keep_alive: Sequence[Tensor]) -> None:
+def _run(ints: list[list[int]], reals: list[list[float]]) -> None:
+    """One call of the kernel over every described weight (the caller holds the tensors it points to)."""
     library = _load()
     if library is None:
         raise MSRConfigurationError(f"The fused kernel is not available: {_failure}")
@@ -333,7 +359,6 @@ def _run(ints: list[list[int]], reals: list[list[float]], keep_alive: Sequence[T
         return
     int_table = torch.tensor(ints, dtype=torch.int64)
     real_table = torch.tensor(reals, dtype=torch.float64)
-    # `keep_alive` holds the tensors whose addresses the table holds until the kernel has returned
     library.msr_fused_rows(len(ints), int_table.data_ptr(), real_table.data_ptr(), torch.get_num_threads())
 
 
@@ -357,16 +382,13 @@ def project_and_clip_(weights: Sequence[FusedWeight]) -> None:
         ...     print(True)
         True
     """
-    ints, reals, alive = [], [], []
+    ints, reals = [], []
     for weight in weights:
-        grad = weight.parameter.grad
-        if grad is None or (weight.alpha == 0.0 and weight.clip is None):
-            continue
-        plain = FusedWeight(weight.parameter, weight.group, weight.alpha, weight.clip, weight.eps)
-        ints.append(_describe(plain, _WRITE_GRAD, grad, None))
-        reals.append(_reals(weight))
-        alive.append(grad)
-    _run(ints, reals, alive)
+        grad, work = weight.parameter.grad, weight._work & _GRADIENT_WORK
+        if grad is not None and work:
+            ints.append(_row(weight, work | _WRITE_GRAD, grad))
+            reals.append(_reals(weight))
+    _run(ints, reals)
 
 
 def recenter_and_rescale_(weights: Sequence[FusedWeight]) -> None:
@@ -389,11 +411,11 @@ def recenter_and_rescale_(weights: Sequence[FusedWeight]) -> None:
     """
     ints, reals = [], []
     for weight in weights:
-        if weight.recenter or weight.target is not None:
-            plain = FusedWeight(weight.parameter, weight.group, 0.0, None, weight.eps, weight.recenter, weight.target)
-            ints.append(_describe(plain, 0, None, None))
+        work = weight._work & _WEIGHT_WORK
+        if work:
+            ints.append(_row(weight, work))
             reals.append(_reals(weight))
-    _run(ints, reals, [w.target for w in weights if w.target is not None])
+    _run(ints, reals)
 
 
 def sgd_step_(optimizer: torch.optim.SGD, weights: Sequence[FusedWeight]) -> list[Tensor]:
@@ -435,7 +457,7 @@ def sgd_step_(optimizer: torch.optim.SGD, weights: Sequence[FusedWeight]) -> lis
     if _load() is None:  # before any momentum buffer is created
         raise MSRConfigurationError(f"The fused kernel is not available: {_failure}")
     by_id = {id(w.parameter): w for w in weights}
-    ints, reals, alive, updated = [], [], [], []
+    ints, reals, updated = [], [], []
     for group in optimizer.param_groups:
         if group.get("differentiable", False):
             raise MSRConfigurationError("Expected a torch.optim.SGD with differentiable=False for the fused step.")
@@ -446,7 +468,7 @@ def sgd_step_(optimizer: torch.optim.SGD, weights: Sequence[FusedWeight]) -> lis
             weight = by_id.get(id(param))
             if weight is None or param.grad is None:
                 continue
-            flags, buffer = base, None
+            flags, buffer = base | weight._work, None
             if momentum != 0.0:
                 flags |= _MOMENTUM
                 state = optimizer.state[param]
@@ -454,9 +476,8 @@ def sgd_step_(optimizer: torch.optim.SGD, weights: Sequence[FusedWeight]) -> lis
                 if buffer is None:  # SGD's first step: the buffer starts as the update itself
                     buffer = state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.contiguous_format)
                     flags |= _FRESH
-            ints.append(_describe(weight, flags, param.grad, buffer))
+            ints.append(_row(weight, flags, param.grad, buffer))
             reals.append(_reals(weight, lr, decay, momentum, damp))
-            alive += [param.grad] + ([buffer] if buffer is not None else [])
             updated.append(param)
-    _run(ints, reals, alive)
+    _run(ints, reals)
     return updated

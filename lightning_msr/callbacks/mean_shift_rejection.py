@@ -326,10 +326,9 @@ class MeanShiftRejection(Callback):
         self._frozen: list[int] = []  # kernels without a backward hook yet because they do not require grad
         self._project_in_backward = False
         # the fused per-step path (`implementation`): whether this fit takes it, and what the kernel does to the
-        # weights of each optimizer (cached per optimizer, rebuilt when the kept norms change)
+        # weights of each optimizer (cached per optimizer like `_params_of`, cleared when the kept norms change)
         self._fused = False
-        self._fused_weights_of: dict[int, tuple[tuple[int, int], list[FusedWeight]]] = {}
-        self._targets_version = 0
+        self._fused_weights_of: dict[int, tuple[int, list[FusedWeight]]] = {}
         # the SGD optimizers whose update of the kernels the fused pass does itself, and the gradients set aside
         # while SGD's own loop steps the other parameters
         self._fused_sgd: set[int] = set()
@@ -662,7 +661,6 @@ class MeanShiftRejection(Callback):
         # after restoring a checkpoint and DDP's broadcast: the norms every rank keeps are identical
         self._target_norms = self._capture_norms(self._restored_norms) if self._keep_magnitude else {}
         self._restored_norms = None
-        self._targets_version += 1
         for optimizer in trainer.optimizers:
             if self._needs_recentering(optimizer, clip_by_value):
                 self._recenter_optimizers.add(id(optimizer))
@@ -821,7 +819,7 @@ class MeanShiftRejection(Callback):
                             _broadcast_(trainer, param)
             if self._keep_magnitude:
                 self._target_norms = self._capture_norms()  # the calibrated filter norms are the ones to keep
-                self._targets_version += 1
+                self._fused_weights_of = {}  # they hold the old norms
             if report is not None:
                 rank_zero_info(
                     f"MeanShiftRejection: calibrated {len(report.calibrated)} layer(s) on the first training batch "
@@ -887,7 +885,7 @@ class MeanShiftRejection(Callback):
         """What the fused kernel does to each weight ``optimizer`` steps: the kernels MSR acts on (projected,
         clipped, re-centred and rescaled as configured), then the free stem (clipped only). Rebuilt when a param
         group is added or the kept norms change (calibration)."""
-        key = (len(optimizer.param_groups), self._targets_version)
+        key = len(optimizer.param_groups)
         cached = self._fused_weights_of.get(id(optimizer))
         if cached is not None and cached[0] == key:
             return cached[1]
