@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_msr import MeanShiftRejection
-from lightning_msr.functional import _groups, _project_one_, adaptive_clip_, eligible_weights
+from lightning_msr.functional import adaptive_clip_, eligible_weights, kernel_groups, project_groups_
 from lightning_msr.fused import FusedWeight, fused_unavailable, project_and_clip_, recenter_and_rescale_, sgd_step_
 
 MODELS = ("resnet18", "mobilenet_v2")
@@ -131,12 +131,12 @@ def projection_alone(model: nn.Module, repeats: int) -> dict[str, float]:
     for p in params:
         p.grad = torch.randn_like(p)
     grads = [p.grad for p in params]
-    layouts = [_groups(w.parameter.shape, "kernel", w.transposed, w.groups) for w in weights]
+    layouts = [kernel_groups(w.parameter.shape, "kernel", w.transposed, w.groups) for w in weights]
     out = {}
 
     def lib() -> None:
         for g, layout in zip(grads, layouts):
-            _project_one_(g, layout, 1.0)
+            project_groups_(g, layout, 1.0)
 
     def naive() -> None:
         for g in grads:

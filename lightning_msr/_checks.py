@@ -1,4 +1,8 @@
-"""Small reusable argument checks with messages that name the argument, the value and what is allowed."""
+"""Small helpers shared by the package's modules.
+
+Argument checks with messages that name the argument, the value and what is allowed; module names shown in
+messages; what the callbacks need to know about the Trainer's launcher.
+"""
 
 from __future__ import annotations
 
@@ -161,6 +165,11 @@ def _examples(names: Sequence[str], limit: int = 4) -> str:
     return "[" + ", ".join(repr(n) for n in named[:limit]) + (", ...]" if len(named) > limit else "]")
 
 
+def _shown(names: Sequence[str], limit: int = 5) -> str:
+    """``'a', 'b', ...``: the first ``limit`` module names for an error or warning (the root shown as <root>)."""
+    return ", ".join(repr(n or "<root>") for n in names[:limit]) + (", ..." if len(names) > limit else "")
+
+
 def _check_patterns_match(name: str, patterns: Sequence[str], model: nn.Module) -> None:
     """Refuse a pattern of ``patterns`` (the argument ``name``) that matches no module name of ``model``.
 
@@ -202,3 +211,33 @@ def _check_single_owner(
                 f"{other!r} and {callback!r}. They would both apply their effect to these layers. Keep one, or "
                 "split the layers between them with `exclude` (or `module_names`)."
             )
+
+
+_DISTRIBUTIONS = ("uniform", "gaussian")
+
+
+def _check_noise_levels(
+    distribution: str, scale: float, shift: float, scale_name: str = "scale", shift_name: str = "shift"
+) -> tuple[float, float]:
+    """Validate a (scale, shift) pair for ``distribution`` and return them as floats."""
+    _check_choice("distribution", distribution, _DISTRIBUTIONS)
+    if distribution == "uniform":
+        scale = _check_in_range(
+            scale_name,
+            scale,
+            0.0,
+            1.0,
+            hint=" A uniform factor U(1 - scale, 1 + scale) must stay in [0, 2]; for a wider spread use "
+            "distribution='gaussian' (clamped to [0, 2]).",
+        )
+    else:
+        scale = _check_positive(scale_name, scale, allow_zero=True)
+    shift = _check_positive(shift_name, shift, allow_zero=True)
+    return scale, shift
+
+
+def _runs_in_worker_processes(trainer: Any) -> bool:
+    """Whether fit runs in processes started by the Trainer (ddp_spawn, ddp_fork, ddp_notebook)."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)

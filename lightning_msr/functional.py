@@ -60,10 +60,14 @@ from lightning_msr._sharding import copy_shard_, local_shape, local_shard, shard
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 
 __all__ = [
+    "KernelGroups",
     "KernelWeight",
     "adaptive_clip_",
     "eligible_weights",
+    "filter_norms",
+    "kernel_groups",
     "mean_shift",
+    "project_groups_",
     "project_mean_",
     "stem_conv",
     "zero_mean_init_",
@@ -74,15 +78,29 @@ _MODES = ("kernel", "filter")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class _Groups(NamedTuple):
-    """A weight seen as ``(outer, group, inner)``: every ``[a, :, b]`` fibre is one kernel group."""
+class KernelGroups(NamedTuple):
+    """How a weight splits into kernel groups: viewed as ``(outer, size, inner)``, every ``[a, :, b]`` fibre is one
+    group of ``size`` elements that share one mean (see the module docstring for which elements those are).
+
+    Returned by :func:`kernel_groups`, taken by :func:`project_groups_`.
+
+    Example::
+
+        >>> from lightning_msr.functional import KernelGroups, kernel_groups
+        >>> kernel_groups((16, 8, 3, 3))  # 16 * 8 spatial kernels of 9 weights each
+        KernelGroups(outer=128, size=9, inner=1)
+        >>> kernel_groups((16, 8, 3, 3), mode="filter")
+        KernelGroups(outer=16, size=72, inner=1)
+    """
 
     outer: int
     size: int
     inner: int
 
 
-def _groups(shape: Sequence[int], mode: str = "kernel", transposed: bool = False, groups: int = 1) -> Optional[_Groups]:
+def _groups(
+    shape: Sequence[int], mode: str = "kernel", transposed: bool = False, groups: int = 1
+) -> Optional[KernelGroups]:
     """The kernel-group layout of a weight of ``shape``, or ``None`` if its groups cannot be centred."""
     if len(shape) < 2:
         raise MSRConfigurationError(
@@ -90,44 +108,74 @@ def _groups(shape: Sequence[int], mode: str = "kernel", transposed: bool = False
             f"but got shape {tuple(shape)}. Biases and norm parameters are never centred."
         )
     if mode == "filter":
-        layout = _Groups(shape[0], math.prod(shape[1:]), 1)
+        layout = KernelGroups(shape[0], math.prod(shape[1:]), 1)
     elif len(shape) == 2:
-        layout = _Groups(shape[0], shape[1], 1)
+        layout = KernelGroups(shape[0], shape[1], 1)
     else:
         spatial = math.prod(shape[2:])
         if spatial > 1:
-            layout = _Groups(shape[0] * shape[1], spatial, 1)
+            layout = KernelGroups(shape[0] * shape[1], spatial, 1)
         elif not transposed:
-            layout = _Groups(shape[0], shape[1], 1)
+            layout = KernelGroups(shape[0], shape[1], 1)
         else:
             if groups < 1 or shape[0] % groups:
                 raise MSRConfigurationError(
                     f"Expected `groups` to divide the weight's first dim {shape[0]}, but got {groups}."
                 )
-            layout = _Groups(groups, shape[0] // groups, shape[1])
+            layout = KernelGroups(groups, shape[0] // groups, shape[1])
     return layout if layout.size > 1 else None
 
 
-def _layout(
-    tensor: Tensor, mode: str = "kernel", transposed: bool = False, groups: int = 1, keep_magnitude: bool = False
-) -> Optional[_Groups]:
-    """The kernel-group layout of the part of ``tensor`` this rank holds (all of it unless it is a DTensor).
+def kernel_groups(
+    weight: Union[Tensor, Sequence[int]],
+    mode: Mode = "kernel",
+    transposed: bool = False,
+    groups: int = 1,
+    *,
+    keep_magnitude: bool = False,
+) -> Optional[KernelGroups]:
+    """The kernel groups of a weight, or ``None`` if they have a single element and cannot be centred.
+
+    ``weight`` is a tensor or a shape. For a sharded tensor (an FSDP2 ``DTensor``) the groups are those of the part
+    this rank holds, after checking that no group (with ``keep_magnitude``, no filter) is split across ranks;
+    whether a weight can be centred at all is decided by its global shape, alike on every rank.
+
+    Args:
+        weight: a conv (or Linear) weight, or its shape.
+        mode: ``"kernel"`` or ``"filter"``, as in :func:`project_mean_`.
+        transposed: the weight belongs to a ``ConvTransposeNd``.
+        groups: the conv's ``groups``.
+        keep_magnitude: also require every output filter to be whole on one rank (its norm is kept).
+
+    Returns:
+        The :class:`KernelGroups` for :func:`project_groups_`, or ``None``.
 
     Raises:
-        MSRConfigurationError: if ``tensor`` is sharded so that a kernel group (or, with ``keep_magnitude``, a
-            filter norm) is split across ranks.
+        MSRConfigurationError: if the weight has fewer than 2 dims, ``groups`` does not divide a transposed
+            pointwise weight, or a sharded tensor splits a group across ranks.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_msr.functional import kernel_groups
+        >>> kernel_groups(torch.empty(32, 16, 1, 1))  # pointwise: the 16 inputs of each filter
+        KernelGroups(outer=32, size=16, inner=1)
+        >>> kernel_groups(torch.empty(32, 1, 1, 1)) is None  # pointwise depthwise: nothing to centre
+        True
     """
-    problem = shard_problem(tensor, mode, transposed, keep_magnitude)
+    if not isinstance(weight, Tensor):
+        return _groups(tuple(weight), mode, transposed, groups)
+    problem = shard_problem(weight, mode, transposed, keep_magnitude)
     if problem is not None:
         raise MSRConfigurationError(
-            f"Mean Shift Rejection cannot act on a weight of shape {tuple(tensor.shape)} sharded as "
-            f"{tuple(tensor.placements)}: {problem}, so no rank holds a whole group and the mean would need a "
+            f"Mean Shift Rejection cannot act on a weight of shape {tuple(weight.shape)} sharded as "
+            f"{tuple(weight.placements)}: {problem}, so no rank holds a whole group and the mean would need a "
             "collective. Shard conv weights along dim 0 (their output filters), as FSDP2's `fully_shard` does by "
             "default, or keep them replicated ('ddp_msr')."
         )
-    if _groups(tensor.shape, mode, transposed, groups) is None:
+    if _groups(weight.shape, mode, transposed, groups) is None:
         return None  # a group of a single element: decided by the global shape, alike on every rank
-    return _groups(local_shape(tensor), mode, transposed, groups)
+    return _groups(local_shape(weight), mode, transposed, groups)
 
 
 _warned: set[str] = set()
@@ -139,7 +187,7 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, MSRWarning, stacklevel=3)
 
 
-def _grouped_view(tensor: Tensor, layout: _Groups) -> Optional[Tensor]:
+def _grouped_view(tensor: Tensor, layout: KernelGroups) -> Optional[Tensor]:
     try:
         return tensor.view(layout)
     except RuntimeError:  # e.g. channels_last weights: no (out*in, k) view exists
@@ -182,16 +230,40 @@ def _subtract_group_mean_(view: Tensor, alpha: float) -> None:
     view.sub_(mean.to(view.dtype))
 
 
-def _project_one_(tensor: Tensor, layout: _Groups, alpha: float) -> None:
-    # a sharded (FSDP2) tensor: ``layout`` describes the local shard (see ``_layout``), whose groups are whole
-    tensor = local_shard(tensor)
-    view = _grouped_view(tensor, layout)
+def project_groups_(tensor: Tensor, layout: KernelGroups, alpha: float = 1.0) -> Tensor:
+    """Subtract ``alpha`` times the mean of every kernel group of ``layout`` from ``tensor``, in place.
+
+    The form of :func:`project_mean_` for a training loop's hot path: ``layout`` comes once from
+    :func:`kernel_groups`, and nothing is checked per call (``alpha`` in ``[0, 1]``, a ``layout`` of this
+    tensor). A sharded tensor (FSDP2) has the layout of its local shard, whose groups are whole.
+
+    Args:
+        tensor: a gradient or weight shaped like the weight ``layout`` was taken from.
+        layout: its :class:`KernelGroups`.
+        alpha: fraction of the mean to remove.
+
+    Returns:
+        ``tensor``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_msr.functional import kernel_groups, project_groups_
+        >>> grad = torch.randn(8, 4, 3, 3)
+        >>> layout = kernel_groups(grad)
+        >>> _ = project_groups_(grad, layout)
+        >>> bool(grad.mean(dim=(2, 3)).abs().max() < 1e-6)
+        True
+    """
+    local = local_shard(tensor)
+    view = _grouped_view(local, layout)
     if view is not None:
         _subtract_group_mean_(view, alpha)
-        return
-    work = tensor.reshape(layout)  # a copy, in the logical (contiguous) order
+        return tensor
+    work = local.reshape(layout)  # a copy, in the logical (contiguous) order
     _subtract_group_mean_(work, alpha)
-    tensor.copy_(work.view(tensor.shape))
+    local.copy_(work.view(local.shape))
+    return tensor
 
 
 def project_mean_(
@@ -246,7 +318,7 @@ def project_mean_(
     for tensor in items:
         if not isinstance(tensor, Tensor):
             raise MSRConfigurationError(f"Expected `tensors` to hold tensors, but got {type(tensor).__name__}.")
-        layout = _layout(tensor, mode, transposed, groups)
+        layout = kernel_groups(tensor, mode, transposed, groups)
         if layout is None:
             _warn_once(
                 f"A tensor of shape {tuple(tensor.shape)} has kernel groups of a single element and cannot be "
@@ -256,7 +328,7 @@ def project_mean_(
         if alpha == 0.0:
             continue
         with torch.no_grad():
-            _project_one_(tensor, layout, alpha)
+            project_groups_(tensor, layout, alpha)
     return items[0] if single else items
 
 
@@ -286,7 +358,7 @@ def mean_shift(weight: Tensor, *, mode: Mode = "kernel", transposed: bool = Fals
         0.0
     """
     _check_choice("mode", mode, _MODES)
-    layout = _layout(weight, mode, transposed, groups)
+    layout = kernel_groups(weight, mode, transposed, groups)
     with torch.no_grad():
         w = local_shard(weight.detach()).float()
         if layout is None:
@@ -300,14 +372,40 @@ def mean_shift(weight: Tensor, *, mode: Mode = "kernel", transposed: bool = Fals
         return torch.where(rms == 0, 0.0, means / torch.clamp(rms, min=torch.finfo(torch.float32).tiny))
 
 
-def _filter_norms(w: Tensor, mode: str, transposed: bool, groups: int, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Euclidean norm of every output filter, broadcastable against ``w``.
+def filter_norms(
+    weight: Tensor,
+    mode: Mode = "kernel",
+    transposed: bool = False,
+    groups: int = 1,
+    dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """The Euclidean norm of every output filter of a conv (or Linear) weight, broadcastable against it.
 
     With ``dtype`` the norms are accumulated in at least ``dtype``: ``float32`` gives float32 norms of
-    float16/bfloat16/float32 weights and float64 norms of float64 weights (never a narrowing cast). For a
-    sharded ``w`` (FSDP2 along dim 0): the norms of the filters of the local shard, against which they
-    broadcast; every filter is whole on its rank (``_layout(..., keep_magnitude=True)`` checks that).
+    float16/bfloat16/float32 weights and float64 norms of float64 weights (never a narrowing cast). A
+    ConvTranspose weight ``(in, out / groups, *kernel)`` has its output filters across dim 0 within each group.
+    For a sharded weight (FSDP2 along dim 0): the norms of the filters of the local shard, against which they
+    broadcast; every filter is whole on its rank (``kernel_groups(..., keep_magnitude=True)`` checks that).
+
+    Args:
+        weight: the weight.
+        mode: ``"kernel"`` or ``"filter"`` (with ``"filter"`` a filter is always a slice along dim 0).
+        transposed: the weight belongs to a ``ConvTransposeNd``.
+        groups: the conv's ``groups``.
+        dtype: accumulate in at least this dtype.
+
+    Returns:
+        A tensor of the norms, broadcastable against ``weight``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_msr.functional import filter_norms, zero_mean_init_
+        >>> w = zero_mean_init_(torch.empty(4, 2, 3, 3), magnitude=2.0, generator=torch.Generator().manual_seed(0))
+        >>> filter_norms(w).shape, torch.allclose(filter_norms(w), torch.tensor(2.0))
+        (torch.Size([4, 1, 1, 1]), True)
     """
+    w = weight
     w = local_shard(w)
     if dtype is not None:
         dtype = torch.promote_types(w.dtype, dtype)
@@ -376,8 +474,8 @@ def zero_mean_init_(
         draw_device = generator.device if generator is not None else weight.device
         fresh = torch.rand(weight.shape, generator=generator, device=draw_device, dtype=torch.float64)
         fresh = fresh.mul_(2.0).sub_(1.0).to(weight.device)
-        _project_one_(fresh, layout, 1.0)
-        norms = _filter_norms(fresh, mode, transposed, groups)
+        project_groups_(fresh, layout, 1.0)
+        norms = filter_norms(fresh, mode, transposed, groups)
         fresh.mul_(magnitude / norms.clamp(min=1e-12))
         copy_shard_(weight, fresh)
     return weight

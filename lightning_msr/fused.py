@@ -62,7 +62,7 @@ from torch import Tensor
 from lightning_msr._checks import _check_choice, _check_in_range, _check_positive
 from lightning_msr._sharding import is_sharded
 from lightning_msr.exceptions import MSRConfigurationError
-from lightning_msr.functional import _groups
+from lightning_msr.functional import kernel_groups
 
 __all__ = [
     "FusedWeight",
@@ -297,7 +297,7 @@ class FusedWeight:
         if why is not None:
             shape = tuple(parameter.shape)
             raise MSRConfigurationError(f"The fused kernel cannot take a weight of shape {shape}: {why}.")
-        layout = _groups(parameter.shape, mode, transposed, groups)
+        layout = kernel_groups(parameter.shape, mode, transposed, groups)
         length = parameter.numel() // parameter.shape[0] if parameter.shape[0] else 0
         group = layout.size if layout is not None else max(length, 1)
         if layout is None:  # groups of a single element: nothing to centre

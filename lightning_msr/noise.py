@@ -29,33 +29,12 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
-from lightning_msr._checks import _check_bool, _check_choice, _check_in_range, _check_positive
+from lightning_msr._checks import _check_bool, _check_noise_levels
 from lightning_msr.exceptions import MSRConfigurationError
 
 __all__ = ["channel_noise"]
 
-Distribution = Literal["uniform", "gaussian"]
-DISTRIBUTIONS = ("uniform", "gaussian")
-
-
-def _check_noise_levels(
-    distribution: str, scale: float, shift: float, scale_name: str = "scale", shift_name: str = "shift"
-) -> tuple[float, float]:
-    """Validate a (scale, shift) pair for ``distribution`` and return them as floats."""
-    _check_choice("distribution", distribution, DISTRIBUTIONS)
-    if distribution == "uniform":
-        scale = _check_in_range(
-            scale_name,
-            scale,
-            0.0,
-            1.0,
-            hint=" A uniform factor U(1 - scale, 1 + scale) must stay in [0, 2]; for a wider spread use "
-            "distribution='gaussian' (clamped to [0, 2]).",
-        )
-    else:
-        scale = _check_positive(scale_name, scale, allow_zero=True)
-    shift = _check_positive(shift_name, shift, allow_zero=True)
-    return scale, shift
+Distribution = Literal["uniform", "gaussian"]  # as `_checks._check_noise_levels` allows
 
 
 def _draw(x: Tensor, shape: tuple[int, ...], center: float, spread: float, distribution: str, generator) -> Tensor:

@@ -52,7 +52,14 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from lightning_msr._checks import _check_beta_init, _check_bool, _check_choice, _check_names, _check_patterns_match
+from lightning_msr._checks import (
+    _check_beta_init,
+    _check_bool,
+    _check_choice,
+    _check_names,
+    _check_patterns_match,
+    _shown,
+)
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.nn.affine import ChannelAffine
 from lightning_msr.nn.gain_control import AutomaticGainControl
@@ -348,11 +355,6 @@ def find_batchnorm(module: nn.Module, exclude: Optional[Sequence[str]] = None) -
         for name, child in module.named_modules(remove_duplicate=False)
         if isinstance(child, _BatchNorm) and not _is_excluded(name, patterns)
     }
-
-
-def _shown(names: Sequence[str], limit: int = 5) -> str:
-    """``'a', 'b', ...``: the first ``limit`` module names for an error or warning (the root shown as <root>)."""
-    return ", ".join(repr(n or "<root>") for n in names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 def replace_batchnorm(

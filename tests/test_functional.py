@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
-from lightning_msr.functional import _filter_norms, eligible_weights, mean_shift, project_mean_, zero_mean_init_
+from lightning_msr.functional import eligible_weights, filter_norms, mean_shift, project_mean_, zero_mean_init_
 
 
 def reference_group_mean(weight: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
@@ -285,9 +285,9 @@ def test_mean_shift_of_an_uncentrable_non_finite_weight_is_nan():
 @pytest.mark.parametrize("transposed", [False, True])
 def test_filter_norms_are_accumulated_in_at_least_float32(dtype, transposed):
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64).to(dtype)
-    norms = _filter_norms(w, "kernel", transposed, 2, dtype=torch.float32)
+    norms = filter_norms(w, "kernel", transposed, 2, dtype=torch.float32)
     assert norms.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    exact = _filter_norms(w.double(), "kernel", transposed, 2)
+    exact = filter_norms(w.double(), "kernel", transposed, 2)
     torch.testing.assert_close(norms.double(), exact, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
 
 

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_msr import MeanShiftRejection, MSRConfigurationError, MSRWarning
-from lightning_msr.functional import _filter_norms, eligible_weights, mean_shift
+from lightning_msr.functional import eligible_weights, filter_norms, mean_shift
 from lightning_msr.fused import fused_unavailable
 
 
@@ -252,12 +252,12 @@ def test_resumed_fit_continues_from_checkpoint_weights(tmp_path):
     assert cb.state_dict()["initialized"] is True
 
 
-def filter_norms(model: nn.Module) -> dict[str, torch.Tensor]:
+def model_filter_norms(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per-output-filter norms of every kernel MSR acts on (ConvTranspose: over dims 0 and 2.., per group)."""
     out = {}
     for w in eligible_weights(model):
         if w.centrable:
-            out[w.name] = _filter_norms(w.parameter.detach(), "kernel", w.transposed, w.groups).flatten()
+            out[w.name] = filter_norms(w.parameter.detach(), "kernel", w.transposed, w.groups).flatten()
     return out
 
 
@@ -268,7 +268,7 @@ def test_keep_magnitude_holds_every_filter_norm(tmp_path, optimizer):
     recorder = WeightRecorder()
     cb = MeanShiftRejection(init_magnitude=1.5, keep_magnitude=True, calibrate=False)
     trainer(tmp_path, max_epochs=3, callbacks=[cb, recorder]).fit(model, loader(64))
-    after = filter_norms(model)
+    after = model_filter_norms(model)
     for name, norms in after.items():
         torch.testing.assert_close(norms, torch.full_like(norms, 1.5), rtol=1e-5, atol=0)
         assert not torch.equal(model.get_parameter(name), recorder.at_fit_start[name])  # it did train
@@ -280,7 +280,7 @@ def test_without_keep_magnitude_filter_norms_drift(tmp_path):
     L.seed_everything(0)
     model = ConvNet("sgd_nesterov_wd")
     trainer(tmp_path, max_epochs=3, callbacks=[MeanShiftRejection(init_magnitude=1.5)]).fit(model, loader(64))
-    drift = max(float((norms - 1.5).abs().max()) for norms in filter_norms(model).values())
+    drift = max(float((norms - 1.5).abs().max()) for norms in model_filter_norms(model).values())
     assert drift > 1e-3
 
 
@@ -292,11 +292,11 @@ def test_keep_magnitude_keeps_the_norms_found_at_fit_start(tmp_path):
     recorder = WeightRecorder()
     cb = MeanShiftRejection(init="center", keep_magnitude=True)
     trainer(tmp_path, max_epochs=2, callbacks=[cb, recorder]).fit(model, loader(64))
-    start = filter_norms(model)
+    start = model_filter_norms(model)
     for name in start:
         weight = recorder.at_fit_start[name]
         w = next(w for w in eligible_weights(model) if w.name == name)
-        expected = _filter_norms(weight, "kernel", w.transposed, w.groups).flatten()
+        expected = filter_norms(weight, "kernel", w.transposed, w.groups).flatten()
         torch.testing.assert_close(start[name], expected, rtol=1e-5, atol=1e-7)
         assert len(expected.unique()) > 1  # pretrained-like: the norms differ from filter to filter
     assert torch.equal(model.features[8].weight, recorder.at_fit_start["features.8.weight"])
@@ -328,7 +328,7 @@ def test_keep_magnitude_with_accumulation_and_resume(tmp_path):
     trainer(tmp_path, max_epochs=2, callbacks=[MeanShiftRejection(keep_magnitude=True, calibrate=False)]).fit(
         resumed, loader(64), ckpt_path=ckpt.last_model_path
     )
-    for norms in filter_norms(resumed).values():
+    for norms in model_filter_norms(resumed).values():
         torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-5, atol=0)
 
 
@@ -478,8 +478,8 @@ def test_keep_magnitude_on_float64_weights(tmp_path):
     for w in cb.weights:
         start = recorder.at_fit_start[w.name]
         assert not torch.equal(w.parameter, start)  # it trained
-        norms = _filter_norms(w.parameter.detach(), "kernel", w.transposed, w.groups)
-        torch.testing.assert_close(norms, _filter_norms(start, "kernel", w.transposed, w.groups), rtol=1e-12, atol=0)
+        norms = filter_norms(w.parameter.detach(), "kernel", w.transposed, w.groups)
+        torch.testing.assert_close(norms, filter_norms(start, "kernel", w.transposed, w.groups), rtol=1e-12, atol=0)
     assert worst_mean_shift(model) < 1e-5
 
 

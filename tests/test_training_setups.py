@@ -135,8 +135,8 @@ def test_accumulation_projects_once_per_optimizer_step_when_alpha_below_one(tmp_
     calls = []
     import lightning_msr.callbacks.mean_shift_rejection as module
 
-    original = module._project_one_
-    monkeypatch.setattr(module, "_project_one_", lambda *a: (calls.append(1), original(*a)))
+    original = module.project_groups_
+    monkeypatch.setattr(module, "project_groups_", lambda *a: (calls.append(1), original(*a)))
     cb = MeanShiftRejection(alpha=0.5, calibrate=False, implementation="eager")
     trainer(tmp_path, max_steps=3, accumulate_grad_batches=4, callbacks=[cb]).fit(ConvNet("sgd"), loader(48, 2))
     n_weights = sum(w.centrable for w in cb.weights)

@@ -18,19 +18,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_msr._checks import UnitInterval, _check_beta_init, _check_bool, _check_names
+from lightning_msr._checks import UnitInterval, _check_beta_init, _check_bool, _check_names, _runs_in_worker_processes
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.nn.gain_control import AutomaticGainControl
 from lightning_msr.surgery import Replacements, find_batchnorm, replace_batchnorm
 
 __all__ = ["DeepControl"]
-
-
-def _runs_in_worker_processes(trainer: pl.Trainer) -> bool:
-    """Whether fit runs in processes started by the Trainer (ddp_spawn, ddp_fork, ddp_notebook)."""
-    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
-    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 class DeepControl(Callback):

@@ -31,28 +31,28 @@ from lightning_msr._checks import (
     _check_positive,
     _check_seed,
     _check_single_owner,
+    _runs_in_worker_processes,
+    _shown,
 )
 from lightning_msr._sharding import is_sharded, local_shard
 from lightning_msr.calibration import CalibrationReport, calibrate, watch_signal
-from lightning_msr.callbacks.deep_control import _runs_in_worker_processes
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.functional import (
+    KernelGroups,
     KernelWeight,
-    _filter_norms,
-    _Groups,
-    _groups,
-    _layout,
-    _project_one_,
     adaptive_clip_,
     eligible_weights,
+    filter_norms,
+    kernel_groups,
     mean_shift,
+    project_groups_,
     project_mean_,
     stem_conv,
     zero_mean_init_,
 )
 from lightning_msr.fused import FusedWeight, fused_unavailable, project_and_clip_, recenter_and_rescale_, sgd_step_
 from lightning_msr.fused import unsupported as fused_unsupported
-from lightning_msr.surgery import _shown, find_batchnorm, replace_batchnorm
+from lightning_msr.surgery import find_batchnorm, replace_batchnorm
 
 _INITS = ("zero_mean", "center", "none")
 _TINY = torch.finfo(torch.float32).tiny
@@ -79,7 +79,7 @@ def _unsupported_strategy(strategy: Any) -> Optional[str]:
     """Why ``strategy`` lays parameters out so that a kernel group can be split across ranks, or ``None``.
 
     FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) keeps whole rows of every weight on one rank and is
-    supported; each of its DTensor weights is checked in ``_collect`` (``functional._layout``).
+    supported; each of its DTensor weights is checked in ``_collect`` (``functional.kernel_groups``).
     """
     names = {cls.__name__ for cls in type(strategy).__mro__}
     for name, why in (
@@ -313,7 +313,7 @@ class MeanShiftRejection(Callback):
         # model-dependent state, filled at setup
         self._weights: Optional[list[KernelWeight]] = None
         self._stem: Optional[nn.Module] = None  # the conv reading the input, left free (include_stem=False)
-        self._layouts: dict[int, tuple[nn.Parameter, _Groups, str]] = {}
+        self._layouts: dict[int, tuple[nn.Parameter, KernelGroups, str]] = {}
         self._transposed: dict[int, bool] = {}  # per kernel: whether it belongs to a ConvTranspose
         self._grad_handles: dict[int, RemovableHandle] = {}
         self._step_handles: list[RemovableHandle] = []
@@ -321,7 +321,7 @@ class MeanShiftRejection(Callback):
         # keep_magnitude: per kernel, the float32 filter norms at fit start, the filters that were all zero
         # then (None if none was), and the weight's (transposed, groups)
         self._target_norms: dict[int, tuple[Tensor, Optional[Tensor], bool, int]] = {}
-        self._optimizer_params: dict[int, tuple[int, list[tuple[nn.Parameter, _Groups]]]] = {}
+        self._optimizer_params: dict[int, tuple[int, list[tuple[nn.Parameter, KernelGroups]]]] = {}
         self._clip_params: dict[int, tuple[int, list[nn.Parameter]]] = {}
         self._frozen: list[int] = []  # kernels without a backward hook yet because they do not require grad
         self._project_in_backward = False
@@ -438,7 +438,7 @@ class MeanShiftRejection(Callback):
         stem = None if self._include_stem else stem_conv(pl_module)
         self._stem = stem if any(w.module is stem for w in weights) else None
         weights = [w for w in weights if w.module is not stem]
-        skipped = [w.name for w in weights if not _groups(w.parameter.shape, self._mode, w.transposed, w.groups)]
+        skipped = [w.name for w in weights if not kernel_groups(w.parameter.shape, self._mode, w.transposed, w.groups)]
         weights = [w for w in weights if w.name not in skipped]
         if skipped:
             rank_zero_warn(
@@ -472,7 +472,7 @@ class MeanShiftRejection(Callback):
         self._layouts = {
             id(w.parameter): (
                 w.parameter,
-                _layout(w.parameter, self._mode, w.transposed, w.groups, keep_magnitude=self._keep_magnitude),
+                kernel_groups(w.parameter, self._mode, w.transposed, w.groups, keep_magnitude=self._keep_magnitude),
                 w.name,
             )
             for w in weights
@@ -749,10 +749,10 @@ class MeanShiftRejection(Callback):
                 self._frozen.append(key)  # picked up in on_train_batch_start once unfrozen
                 continue
 
-            def hook(p: Tensor, layout: _Groups = layout) -> None:
+            def hook(p: Tensor, layout: KernelGroups = layout) -> None:
                 if p.grad is not None:
                     with torch.no_grad():
-                        _project_one_(p.grad, layout, 1.0)
+                        project_groups_(p.grad, layout, 1.0)
 
             self._grad_handles[key] = param.register_post_accumulate_grad_hook(hook)
 
@@ -877,7 +877,7 @@ class MeanShiftRejection(Callback):
             with torch.no_grad():
                 for param, layout in self._params_of(optimizer):
                     if param.grad is not None:
-                        _project_one_(param.grad, layout, self._alpha)
+                        project_groups_(param.grad, layout, self._alpha)
         if self._adaptive_clip is not None:
             adaptive_clip_(self._clipped_of(optimizer), self._adaptive_clip)
 
@@ -955,7 +955,7 @@ class MeanShiftRejection(Callback):
         self._clip_params[id(optimizer)] = (len(groups), params)
         return params
 
-    def _params_of(self, optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, _Groups]]:
+    def _params_of(self, optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, KernelGroups]]:
         """The kernels ``optimizer`` steps, with their groups: built once, rebuilt only when a param group is added
         (e.g. by ``BackboneFinetuning``), so a step does not walk every parameter of the model."""
         groups = optimizer.param_groups
@@ -979,7 +979,7 @@ class MeanShiftRejection(Callback):
         captured = {}
         with torch.no_grad():
             for w in self._weights or []:
-                target = _filter_norms(w.parameter, self._mode, w.transposed, w.groups, dtype=torch.float32)
+                target = filter_norms(w.parameter, self._mode, w.transposed, w.groups, dtype=torch.float32)
                 kept = (restored or {}).get(w.name)
                 # a sharded weight's norms are those of this rank's rows, and the checkpoint holds rank 0's
                 if kept is not None and kept.shape == target.shape and not is_sharded(w.parameter):
@@ -999,11 +999,11 @@ class MeanShiftRejection(Callback):
                 if param.grad is None:  # only what this step updated; frozen kernels are left alone
                     continue
                 if recenter:
-                    _project_one_(param.data, layout, 1.0)
+                    project_groups_(param.data, layout, 1.0)
                 kept = self._target_norms.get(id(param))
                 if kept is not None:
                     target, free, transposed, groups = kept
-                    norms = _filter_norms(param.data, self._mode, transposed, groups, dtype=torch.float32)
+                    norms = filter_norms(param.data, self._mode, transposed, groups, dtype=torch.float32)
                     ratio = target / norms.clamp(min=_TINY)
                     if free is not None:
                         ratio.masked_fill_(free, 1.0)

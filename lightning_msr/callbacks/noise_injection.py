@@ -30,13 +30,14 @@ from lightning_msr._checks import (
     NonNegativeFloat,
     _check_choice,
     _check_names,
+    _check_noise_levels,
     _check_patterns_match,
     _check_seed,
     _check_single_owner,
     _examples,
 )
 from lightning_msr.exceptions import MSRConfigurationError
-from lightning_msr.noise import Distribution, _channel_noise, _check_noise_levels
+from lightning_msr.noise import Distribution, channel_noise
 
 __all__ = ["NoiseInjection"]
 
@@ -472,8 +473,8 @@ class NoiseInjection(Callback):
         # registered before ours may have kept the clean output).
         inplace = inplace_safe and len(module._forward_hooks) == 1
         if output.dim() == unbatched_dims:
-            noisy = _channel_noise(
+            noisy = channel_noise(
                 output.unsqueeze(0), self._current_scale, self._current_shift, self._distribution, generator, inplace
             )
             return noisy.squeeze(0)
-        return _channel_noise(output, self._current_scale, self._current_shift, self._distribution, generator, inplace)
+        return channel_noise(output, self._current_scale, self._current_shift, self._distribution, generator, inplace)

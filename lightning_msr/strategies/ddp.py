@@ -36,9 +36,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_msr._checks import _check_bool
+from lightning_msr._checks import _check_bool, _shown
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
-from lightning_msr.surgery import _shown, find_batchnorm
+from lightning_msr.surgery import find_batchnorm
 
 __all__ = ["MSRDDPStrategy"]
 
