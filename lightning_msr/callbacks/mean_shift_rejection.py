@@ -165,8 +165,13 @@ class MeanShiftRejection(Callback):
             exactly zero-mean, smaller values are the paper's weighted mean subtraction.
         init: ``"zero_mean"`` draws new zero-mean kernels; ``"center"`` subtracts the kernel mean from the
             existing weights (for pretrained models); ``"none"`` leaves the weights as they are.
-        init_magnitude: Euclidean norm of every output filter after ``init="zero_mean"`` (> 0). With
-            ``calibrate=True`` the first batch rescales every filter, so this only matters without calibration.
+        init_magnitude: Euclidean norm of every output filter after ``init="zero_mean"`` (> 0). A conv followed
+            by a gain (the scale of a replaced BatchNorm, a ``ChannelAffine``) keeps this norm through
+            calibration, which sets the gain instead; the gain makes the filter's gradient proportional to
+            ``1 / init_magnitude``, so a filter's relative step goes as ``lr / init_magnitude**2``: ``0.7`` trains
+            like ``1.0`` at twice the learning rate for the kernels (measured equal at the best LR of each on the
+            Fashion-MNIST ResNet-20, `docs/concepts/settings.md`). A conv without a gain is rescaled by
+            calibration, so there this only matters with ``calibrate=False``.
         include_linear: also centre ``nn.Linear`` weights (over their inputs). Off by default, as in the paper.
         include_stem: also act on the stem, the conv that reads the network's input
             (:func:`~lightning_msr.functional.stem_conv`: the first conv layer of a model with several). Off by
