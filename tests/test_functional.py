@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
-from lightning_msr.functional import eligible_weights, filter_norms, mean_shift, project_mean_, zero_mean_init_
+from lightning_msr.functional import (
+    eligible_weights,
+    filter_norms,
+    kernel_groups,
+    mean_shift,
+    project_groups_,
+    project_mean_,
+    zero_mean_init_,
+)
 
 
 def reference_group_mean(weight: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
@@ -311,3 +319,31 @@ def test_project_mean_accepts_any_real_alpha(alpha):
 def test_project_mean_refuses_bool_and_non_real_alpha(alpha):
     with pytest.raises(MSRConfigurationError, match=r"Expected `alpha` to be a number in \[0, 1\], but got"):
         project_mean_(torch.randn(2, 2, 3), alpha=alpha)
+
+
+@pytest.mark.parametrize(
+    ("shape", "mode", "transposed", "groups"),
+    [
+        ((6, 4, 3, 3), "kernel", False, 1),
+        ((6, 4, 3, 3), "filter", False, 1),
+        ((6, 4, 1, 1), "kernel", False, 1),
+        ((8, 3, 1, 1), "kernel", True, 2),
+        ((5, 7), "kernel", False, 1),
+    ],
+)
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_project_groups_with_kernel_groups_matches_project_mean(shape, mode, transposed, groups, alpha):
+    """The hot-path pair (groups taken once, then applied) gives what the checked public projection gives."""
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    layout = kernel_groups(grad, mode, transposed, groups)
+    assert layout == kernel_groups(shape, mode, transposed, groups)  # a tensor and its shape agree
+    expected = project_mean_(grad.clone(), alpha, mode=mode, transposed=transposed, groups=groups)
+    out = grad.clone()
+    assert project_groups_(out, layout, alpha) is out
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_kernel_groups_of_single_element_groups_is_none():
+    assert kernel_groups((16, 1, 1, 1)) is None  # pointwise depthwise: one input per filter
+    with pytest.raises(MSRConfigurationError, match="at least 2 dims"):
+        kernel_groups(torch.empty(16))
