@@ -63,6 +63,7 @@ from lightning_msr._checks import (
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.nn.affine import ChannelAffine
 from lightning_msr.nn.gain_control import AutomaticGainControl
+from lightning_msr.nn.norm_act import NormAct, is_norm_act
 from lightning_msr.nn.scaled_conv import is_scaled_conv, merge_scale_, scale_conv_
 
 __all__ = ["Replacements", "find_batchnorm", "find_foldable_pairs", "merge_scaled_convs", "replace_batchnorm"]
@@ -144,14 +145,15 @@ def _check_replaceable(name: str, module: _BatchNorm) -> None:
             f"{type(module).__name__}: its number of channels is not known yet. Run one forward pass (e.g. "
             "on a dummy batch) before replacing BatchNorm."
         )
-    if type(module) in _STANDARD:
+    if type(module) in _STANDARD or is_norm_act(module):
         return
     standard_forward = any(type(module).forward is cls.forward for cls in _STANDARD)
     if not standard_forward or len(module._modules) > 0:
         raise MSRConfigurationError(
             f"Expected plain BatchNorm layers, but {shown} is a {type(module).__name__}, a BatchNorm subclass "
-            "with its own forward or submodules (e.g. timm's BatchNormAct2d fuses an activation), which a "
-            "per-channel layer cannot stand in for. Replace it yourself, or leave it out with `exclude=`."
+            "with its own forward or submodules, which a per-channel layer cannot stand in for (BatchNorm "
+            "subclasses whose only submodules are `drop` and `act`, like timm's BatchNormAct2d, are replaced "
+            "with their drop path and activation kept). Replace it yourself, or leave it out with `exclude=`."
         )
 
 
@@ -489,6 +491,8 @@ def replace_batchnorm(
             else:
                 kind = _UNFOLDED.get(replacement, replacement)
                 new = _new_layer(batchnorm, kind, beta_init, fold_running_stats)
+            if is_norm_act(batchnorm):  # timm's BatchNormAct2d: only the statistics go, drop path and activation stay
+                new = NormAct(new, batchnorm.drop, batchnorm.act).train(batchnorm.training)
             new_by_id[id(batchnorm)] = new
         new = new_by_id[id(batchnorm)]
         result[name] = batchnorm

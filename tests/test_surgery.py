@@ -231,7 +231,7 @@ class PlainSubclass(nn.BatchNorm2d):
 
 
 class BatchNormAct(nn.BatchNorm2d):
-    """Like timm's BatchNormAct2d: BatchNorm fused with an activation."""
+    """A BatchNorm fused with an activation by its own forward (not timm's, whose layout is known)."""
 
     def __init__(self, num_features: int) -> None:
         super().__init__(num_features)
