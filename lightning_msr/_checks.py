@@ -141,6 +141,14 @@ def _check_seed(name: str, value: Any) -> Optional[int]:
     return number
 
 
+def _check_positive_int(name: str, value: Any) -> int:
+    """Check that ``value`` is an integer >= 1 (any integer type), and return it as ``int``."""
+    number = _integer(value)
+    if number is None or number < 1:
+        raise MSRConfigurationError(f"Expected `{name}` to be an integer >= 1, but got {value!r}.")
+    return number
+
+
 def _check_names(name: str, value: Any) -> tuple[str, ...]:
     """Check a list of module-name patterns and return it as a tuple."""
     if value is None:

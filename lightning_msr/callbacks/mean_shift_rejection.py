@@ -29,13 +29,14 @@ from lightning_msr._checks import (
     _check_in_range,
     _check_names,
     _check_positive,
+    _check_positive_int,
     _check_seed,
     _check_single_owner,
     _runs_in_worker_processes,
     _shown,
 )
 from lightning_msr._sharding import is_sharded, local_shard
-from lightning_msr.calibration import CalibrationReport, calibrate, watch_signal
+from lightning_msr.calibration import CalibrationReport, calibrate, gain_parameters, watch_signal
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.functional import (
     KernelGroups,
@@ -52,6 +53,7 @@ from lightning_msr.functional import (
 )
 from lightning_msr.fused import FusedWeight, fused_unavailable, project_and_clip_, recenter_and_rescale_, sgd_step_
 from lightning_msr.fused import unsupported as fused_unsupported
+from lightning_msr.nn.gain_control import AutomaticGainControl
 from lightning_msr.surgery import find_batchnorm, replace_batchnorm
 
 _INITS = ("zero_mean", "center", "none")
@@ -145,8 +147,9 @@ class MeanShiftRejection(Callback):
       :class:`~lightning_msr.nn.AutomaticGainControl` layers that replaced BatchNorm, or the filters of convs
       that no such layer follows -- so that the signal propagates as in a BatchNorm network in training mode,
       and scales the end of every residual branch by ``residual_scale`` (see
-      :func:`lightning_msr.calibration.calibrate`). The pass is the first training step itself, done once, from
-      the batch of all ranks; afterwards nothing depends on the batch. Without it, or when the weights were not
+      :func:`lightning_msr.calibration.calibrate`). The passes are the first training steps themselves, from the
+      batches of all ranks, pooled until ``calibration_samples`` samples have been seen; afterwards nothing
+      depends on the batch. Without it, or when the weights were not
       drawn (``init="center"``/``"none"``, a resumed fit), the first batch is only watched, and a signal that
       vanishes or explodes on its way to the head is reported with the layer where it happens;
     * it logs ``msr/mean_shift``, the worst layer's :func:`~lightning_msr.functional.mean_shift`, at the
@@ -219,6 +222,12 @@ class MeanShiftRejection(Callback):
             scales, gains and biases are not clipped: unit-wise, a zero-initialised one (every bias, the SkipInit
             scales) could only grow by ``adaptive_clip * 1e-3`` per step, which measured 4-7 points worse on a
             ResNet-20. ``None`` turns it off.
+        calibration_samples: how many samples (summed over ranks) the calibration pools, over as many of the first
+            training batches as it takes (>= 1): 64 means one batch at batch size 64, 32 at batch size 2, 64 at
+            batch size 1. Frozen from one small batch, the scales fit its few samples and the error multiplies
+            through depth (a deep EfficientNet passed 5-70x BatchNorm's signal on the next batch after calibrating on
+            2 or 8 images, 1.1-2.3x after 64). While it pools, every batch is normalised with the statistics so far,
+            as BatchNorm in training mode would; ``keep_magnitude`` takes its norms once it is done.
         implementation: how the per-step work runs. ``"fused"`` uses :mod:`lightning_msr.fused` (a small C kernel,
             compiled once per machine in about a second): with a plain ``torch.optim.SGD`` and nothing that looks at
             the gradients between backward and the step, one pass over each kernel does the projection, the adaptive
@@ -289,6 +298,7 @@ class MeanShiftRejection(Callback):
         residual_scale: float = 0.3,
         adaptive_clip: Optional[float] = 0.1,
         implementation: Literal["auto", "fused", "eager"] = "auto",
+        calibration_samples: int = 64,
     ) -> None:
         super().__init__()
         self._alpha = _check_in_range("alpha", alpha, 0.0, 1.0)
@@ -314,6 +324,7 @@ class MeanShiftRejection(Callback):
         self._residual_scale = _check_in_range("residual_scale", residual_scale, 0.0, 1.0)
         self._adaptive_clip = None if adaptive_clip is None else _check_positive("adaptive_clip", adaptive_clip)
         self._implementation = _check_choice("implementation", implementation, _IMPLEMENTATIONS)
+        self._calibration_samples = _check_positive_int("calibration_samples", calibration_samples)
 
         # model-dependent state, filled at setup
         self._weights: Optional[list[KernelWeight]] = None
@@ -328,6 +339,7 @@ class MeanShiftRejection(Callback):
         self._target_norms: dict[int, tuple[Tensor, Optional[Tensor], bool, int]] = {}
         self._optimizer_params: dict[int, tuple[int, list[tuple[nn.Parameter, KernelGroups]]]] = {}
         self._clip_params: dict[int, tuple[int, list[nn.Parameter]]] = {}
+        self._gain_params: dict[int, tuple[int, tuple[list[nn.Parameter], list[nn.Parameter]]]] = {}
         self._frozen: list[int] = []  # kernels without a backward hook yet because they do not require grad
         self._project_in_backward = False
         # the fused per-step path (`implementation`): whether this fit takes it, and what the kernel does to the
@@ -385,7 +397,8 @@ class MeanShiftRejection(Callback):
             f"batchnorm={self._batchnorm!r}, mode={self._mode!r}, recenter={self._recenter}, "
             f"keep_magnitude={self._keep_magnitude}, projection_timing={self._timing!r}, "
             f"calibrate={self._calibrate}, residual_scale={self._residual_scale}, "
-            f"adaptive_clip={self._adaptive_clip}, implementation={self._implementation!r})"
+            f"adaptive_clip={self._adaptive_clip}, implementation={self._implementation!r}, "
+            f"calibration_samples={self._calibration_samples})"
         )
 
     # ------------------------------------------------------------------ setup: surgery and initialisation
@@ -660,11 +673,14 @@ class MeanShiftRejection(Callback):
         self._recenter_optimizers = set()
         self._optimizer_params = {}
         self._clip_params = {}
+        self._gain_params = {}
         self._fused_weights_of = {}
         self._fused_sgd = set()
         self._set_aside = {}
         # after restoring a checkpoint and DDP's broadcast: the norms every rank keeps are identical
-        self._target_norms = self._capture_norms(self._restored_norms) if self._keep_magnitude else {}
+        # (a fresh draw that is calibrated has its norms taken once the calibration is complete)
+        keep = self._keep_magnitude and not self._calibration_due
+        self._target_norms = self._capture_norms(self._restored_norms) if keep else {}
         self._restored_norms = None
         for optimizer in trainer.optimizers:
             if self._needs_recentering(optimizer, clip_by_value):
@@ -795,6 +811,7 @@ class MeanShiftRejection(Callback):
                     convs=[m for m in self._calibrated_convs() if m.weight.requires_grad],  # frozen: kept
                     exclude=self._exclude,
                     reduce=reduce,
+                    samples=self._calibration_samples,
                 )
             )
         else:
@@ -810,9 +827,11 @@ class MeanShiftRejection(Callback):
         """After the first forward: remove its hooks, share rank 0's result, say what happened or went wrong."""
         if self._first_pass is None:
             return
+        report = self._first_report
+        if self._calibration_due and report is not None and not report.complete:
+            return  # the statistics pool over the next batches too (`calibration_samples`)
         self._first_pass.close()
         self._first_pass = None
-        report = self._first_report
         if self._calibration_due:
             self._calibration_due = False
             model = self._model_ref() if self._model_ref is not None else None
@@ -826,9 +845,11 @@ class MeanShiftRejection(Callback):
                 self._target_norms = self._capture_norms()  # the calibrated filter norms are the ones to keep
                 self._fused_weights_of = {}  # they hold the old norms
             if report is not None:
+                kept = f", {len(report.kept)} conv(s) no normalisation follows kept as drawn" if report.kept else ""
                 rank_zero_info(
-                    f"MeanShiftRejection: calibrated {len(report.calibrated)} layer(s) on the first training batch "
-                    f"({len(report.residual)} residual branch end(s) at scale {self._residual_scale:g})."
+                    f"MeanShiftRejection: calibrated {len(report.calibrated)} layer(s) on the first "
+                    f"{report.passes} training batch(es), {report.samples} samples ({len(report.residual)} residual "
+                    f"branch end(s) at scale {self._residual_scale:g}{kept})."
                 )
         if report is not None:
             self._warn_signal(report)
@@ -877,6 +898,7 @@ class MeanShiftRejection(Callback):
         if self._fused:
             if id(optimizer) not in self._fused_sgd:  # SGD's is done inside its step, with the update
                 project_and_clip_(self._fused_weights(optimizer))  # the projection and clipping in one pass
+                self._clip_gains(optimizer)
             return
         if not self._project_in_backward and self._alpha != 0.0:
             with torch.no_grad():
@@ -885,6 +907,7 @@ class MeanShiftRejection(Callback):
                         project_groups_(param.grad, layout, self._alpha)
         if self._adaptive_clip is not None:
             adaptive_clip_(self._clipped_of(optimizer), self._adaptive_clip)
+            self._clip_gains(optimizer)
 
     def _fused_weights(self, optimizer: torch.optim.Optimizer) -> list[FusedWeight]:
         """What the fused kernel does to each weight ``optimizer`` steps: the kernels MSR acts on (projected,
@@ -937,6 +960,7 @@ class MeanShiftRejection(Callback):
         return (args[0], closure_then_update, *args[2:]), kwargs
 
     def _fused_update(self, optimizer: torch.optim.Optimizer) -> None:
+        self._clip_gains(optimizer)  # before SGD's own loop steps them
         updated = sgd_step_(optimizer, self._fused_weights(optimizer))
         # SGD's own loop then skips the kernels (it steps the parameters that have a gradient); given back after it
         self._set_aside[id(optimizer)] = [(p, p.grad) for p in updated]
@@ -946,6 +970,46 @@ class MeanShiftRejection(Callback):
     def _fused_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for param, grad in self._set_aside.pop(id(optimizer), []):
             param.grad = grad
+
+    def _clip_gains(self, optimizer: torch.optim.Optimizer) -> None:
+        """Adaptive clipping of what the filters' clipping leaves and can still blow up (see ``adaptive_clip``)."""
+        if self._adaptive_clip is None:
+            return
+        scales, offsets = self._gains_of(optimizer)
+        adaptive_clip_(scales, self._adaptive_clip)
+        adaptive_clip_(offsets, self._adaptive_clip, eps=1.0)
+
+    def _gains_of(self, optimizer: torch.optim.Optimizer) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """What ``optimizer`` steps of: the per-channel scales (folded ``scale``, ``ChannelAffine.weight``,
+        ``AutomaticGainControl.gain``) and the weights of every ``nn.Linear`` but the last (the classifier), clipped
+        relative to their own size; and the offsets -- the biases of those layers and of the convs, gain controls'
+        ``beta`` -- clipped relative to ``max(|b|, 1)``, 1 being the calibrated signal's standard deviation.
+        Cached like :meth:`_params_of`."""
+        groups = optimizer.param_groups
+        cached = self._gain_params.get(id(optimizer))
+        if cached is not None and cached[0] == len(groups):
+            return cached[1]
+        model = self._model_ref() if self._model_ref is not None else None
+        modules = list(model.modules()) if model is not None else []
+        linears = [m for m in modules if isinstance(m, nn.Linear)]
+        scales: set[int] = set()
+        offsets: set[int] = set()
+        for module in modules:
+            gain = gain_parameters(module)
+            if gain is not None:
+                scales.add(id(gain[0]))
+            elif isinstance(module, nn.Linear) and module is not linears[-1]:
+                scales.add(id(module.weight))
+            elif not isinstance(module, (AutomaticGainControl, nn.modules.conv._ConvNd)):
+                continue
+            for name in ("bias", "beta"):  # offsets, and the fraction of the mean a gain control removes
+                param = module._parameters.get(name)
+                if isinstance(param, nn.Parameter):
+                    offsets.add(id(param))
+        params = [p for group in groups for p in group["params"]]
+        found = ([p for p in params if id(p) in scales], [p for p in params if id(p) in offsets])
+        self._gain_params[id(optimizer)] = (len(groups), found)
+        return found
 
     def _clipped_of(self, optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
         """The parameters ``optimizer`` steps that adaptive clipping acts on: the filters of the convs MSR acts on
