@@ -513,23 +513,41 @@ def adaptive_clip_(parameters: Iterable[Tensor], clip: float, eps: float = 1e-3)
     clip = _check_positive("clip", clip)
     eps = _check_positive("eps", eps)
     with torch.no_grad():
+        vectors: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
         for param in parameters:
             grad = param.grad
             if grad is None:
                 continue
+            if param.dim() <= 1:  # element-wise units: clipped together, a constant number of operations per group
+                key = (grad.device, grad.dtype)
+                weights, grads = vectors.setdefault(key, ([], []))
+                weights.append(param.detach())
+                grads.append(grad)
+                continue
             accumulate = torch.float32 if grad.dtype in _LOW_PRECISION else None
-            if param.dim() > 1:
-                w_norm = torch.linalg.vector_norm(param.detach().flatten(1), dim=1, dtype=accumulate)
-                g_norm = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=accumulate)
-                shape = (-1,) + (1,) * (param.dim() - 1)
-            else:
-                w_norm, g_norm = param.detach().abs(), grad.abs()
-                if accumulate is not None:
-                    w_norm, g_norm = w_norm.float(), g_norm.float()
-                shape = tuple(param.shape)
+            w_norm = torch.linalg.vector_norm(param.detach().flatten(1), dim=1, dtype=accumulate)
+            g_norm = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=accumulate)
+            shape = (-1,) + (1,) * (param.dim() - 1)
             limit = w_norm.clamp(min=eps).mul_(clip)
             factor = (limit / g_norm.clamp(min=1e-6)).clamp_(max=1.0)
             grad.mul_(factor.view(shape).to(grad.dtype))
+        for weights, grads in vectors.values():
+            if grads[0].dtype in _LOW_PRECISION:
+                weights, low = [w.float() for w in weights], grads
+                grads = [g.float() for g in grads]
+            else:
+                low = None
+            limits = torch._foreach_abs(weights)
+            torch._foreach_clamp_min_(limits, eps)
+            torch._foreach_mul_(limits, clip)
+            sizes = torch._foreach_abs(grads)
+            torch._foreach_clamp_min_(sizes, 1e-6)
+            torch._foreach_div_(limits, sizes)
+            torch._foreach_clamp_max_(limits, 1.0)
+            torch._foreach_mul_(grads, limits)
+            if low is not None:
+                for target, value in zip(low, grads):
+                    target.copy_(value)
 
 
 @dataclass(frozen=True)

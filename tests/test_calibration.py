@@ -399,10 +399,38 @@ def test_adaptive_clip_in_the_callback(tmp_path):
     grad = recorder.grads[0]["features.0.weight"]
     weight = model.features[0].weight.detach()  # after a step of at most lr * 1e-3 of its norm
     assert bool((grad.flatten(1).norm(dim=1) <= 1e-3 * weight.flatten(1).norm(dim=1) * (1 + 1e-3)).all())
-    head = recorder.grads[0]["head.weight"]
-    assert float(head.norm()) > 1e-3 * float(model.head.weight.norm())  # the Linear head is not clipped
+    head = recorder.grads[0]["head.weight"]  # a Linear is clipped row by row like a filter
+    assert bool((head.norm(dim=1) <= 1e-3 * model.head.weight.detach().norm(dim=1) * (1 + 1e-2)).all())
     with pytest.raises(MSRConfigurationError, match="adaptive_clip"):
         MeanShiftRejection(adaptive_clip=-1.0)
+
+
+class _BeforeStep(L.Callback):
+    """The parameters and gradients the optimizer step is about to use (after the callbacks before this one)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not hasattr(self, "params"):
+            named = list(pl_module.named_parameters())
+            self.params = {n: p.detach().clone() for n, p in named}
+            self.grads = {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
+
+
+@pytest.mark.parametrize("batchnorm", ["replace", "affine"])
+def test_adaptive_clip_bounds_gains_and_offsets(tmp_path, batchnorm):
+    """The per-channel scales that replaced BatchNorm are clipped relative to their size, the biases relative to
+    max(|b|, 1) (the calibrated signal's unit), so neither can blow a deep network up once calibrated."""
+    L.seed_everything(0)
+    model = ConvNet("sgd", batchnorm=True)
+    seen = _BeforeStep()
+    msr = MeanShiftRejection(batchnorm=batchnorm, adaptive_clip=1e-3)
+    trainer(tmp_path, max_steps=1, callbacks=[msr, seen]).fit(model, loader(8, batch_size=8))
+    scale = "features.0.scale" if batchnorm == "replace" else "features.1.weight"
+    offsets = ["features.4.bias", "head.bias", "features.0.bias" if batchnorm == "replace" else "features.1.bias"]
+    for name in [scale, *offsets]:
+        grad, value = seen.grads[name], seen.params[name]
+        floor = 1e-3 if name == scale else 1.0
+        assert bool((grad.abs() <= 1e-3 * value.abs().clamp(min=floor) * (1 + 1e-2)).all()), name
+        assert float(grad.abs().max()) > 0  # clipped, not zeroed
 
 
 class _FirstForward(L.Callback):

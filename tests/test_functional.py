@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.functional import (
+    adaptive_clip_,
     eligible_weights,
     filter_norms,
     kernel_groups,
@@ -347,3 +348,25 @@ def test_kernel_groups_of_single_element_groups_is_none():
     assert kernel_groups((16, 1, 1, 1)) is None  # pointwise depthwise: one input per filter
     with pytest.raises(MSRConfigurationError, match="at least 2 dims"):
         kernel_groups(torch.empty(16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adaptive_clip_of_vectors_is_element_wise(dtype):
+    """Gains and biases are clipped element by element (grouped into a few foreach operations): every element's
+    gradient ends at min(|g|, clip * max(|w|, eps)) with its sign, whatever the mix of sizes."""
+    g = torch.Generator().manual_seed(0)
+    params = []
+    for size in (3, 7, 1):
+        value = torch.randn(size, generator=g) * torch.tensor(10.0) ** torch.randn(size, generator=g)
+        p = torch.nn.Parameter(value.to(dtype))
+        p.grad = (torch.randn(size, generator=g) * 5).to(dtype)
+        params.append(p)
+    params[2].data.zero_()  # a zero-initialised bias moves by clip * eps at most
+    expected = [
+        torch.sign(p.grad.float()) * torch.minimum(p.grad.float().abs(), 0.1 * p.detach().float().abs().clamp(min=0.5))
+        for p in params
+    ]
+    adaptive_clip_(params, clip=0.1, eps=0.5)
+    for p, e in zip(params, expected):
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad.float(), e, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)

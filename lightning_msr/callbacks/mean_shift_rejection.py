@@ -981,7 +981,7 @@ class MeanShiftRejection(Callback):
 
     def _gains_of(self, optimizer: torch.optim.Optimizer) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """What ``optimizer`` steps of: the per-channel scales (folded ``scale``, ``ChannelAffine.weight``,
-        ``AutomaticGainControl.gain``) and the weights of every ``nn.Linear`` but the last (the classifier), clipped
+        ``AutomaticGainControl.gain``) and the weights of every ``nn.Linear`` (the classifier included), clipped
         relative to their own size; and the offsets -- the biases of those layers and of the convs, gain controls'
         ``beta`` -- clipped relative to ``max(|b|, 1)``, 1 being the calibrated signal's standard deviation.
         Cached like :meth:`_params_of`."""
@@ -991,14 +991,13 @@ class MeanShiftRejection(Callback):
             return cached[1]
         model = self._model_ref() if self._model_ref is not None else None
         modules = list(model.modules()) if model is not None else []
-        linears = [m for m in modules if isinstance(m, nn.Linear)]
         scales: set[int] = set()
         offsets: set[int] = set()
         for module in modules:
             gain = gain_parameters(module)
             if gain is not None:
                 scales.add(id(gain[0]))
-            elif isinstance(module, nn.Linear) and module is not linears[-1]:
+            elif isinstance(module, nn.Linear):
                 scales.add(id(module.weight))
             elif not isinstance(module, (AutomaticGainControl, nn.modules.conv._ConvNd)):
                 continue
