@@ -218,10 +218,15 @@ class MeanShiftRejection(Callback):
             the convs MSR acts on and of the stem), in ``on_before_optimizer_step`` (after the projection): no
             output filter gets a gradient larger than ``adaptive_clip`` times its own norm
             (:func:`~lightning_msr.functional.adaptive_clip_`). A network without normalisation has nothing that
-            undoes an oversized step, so this is what keeps it stable at BatchNorm's learning rates. The 1-D
-            scales, gains and biases are not clipped: unit-wise, a zero-initialised one (every bias, the SkipInit
-            scales) could only grow by ``adaptive_clip * 1e-3`` per step, which measured 4-7 points worse on a
-            ResNet-20. ``None`` turns it off.
+            undoes an oversized step, so this is what keeps it stable at BatchNorm's learning rates. The same
+            bound holds for every row of every ``nn.Linear`` (the classifier included) and every element of the
+            per-channel scales and gains (folded ``scale``, ``ChannelAffine``, ``AutomaticGainControl``), relative
+            to their own size; the offsets -- biases, gain controls' ``beta`` -- are clipped relative to
+            ``max(|b|, 1)``, 1 being the calibrated signal's standard deviation, so a zero-initialised bias still
+            moves (relative to its own size it could only grow by ``adaptive_clip * 1e-3`` per step, which measured
+            4-7 points worse on a ResNet-20). Without them deep EfficientNets blew up within a few steps at
+            BatchNorm's learning rate once the calibration let go, and AlexNet at its first step. ``None`` turns it
+            off.
         calibration_samples: how many samples (summed over ranks) the calibration pools, over as many of the first
             training batches as it takes (>= 1): 64 means one batch at batch size 64, 32 at batch size 2, 64 at
             batch size 1. Frozen from one small batch, the scales fit its few samples and the error multiplies
