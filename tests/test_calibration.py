@@ -450,7 +450,8 @@ def test_a_resumed_fit_is_never_recalibrated(tmp_path, with_msr_state):
 
     L.seed_everything(0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    first = [MeanShiftRejection(), ckpt] if with_msr_state else [ckpt]
+    # the calibration completes in the first run (a checkpoint taken while it pools goes on pooling: see below)
+    first = [MeanShiftRejection(calibration_samples=4), ckpt] if with_msr_state else [ckpt]
     trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=first).fit(ConvNet(), loader(16))
     saved = torch.load(ckpt.last_model_path, weights_only=False)["state_dict"]
     L.seed_everything(1)
@@ -461,3 +462,31 @@ def test_a_resumed_fit_is_never_recalibrated(tmp_path, with_msr_state):
         resumed.fit(ConvNet(), loader(16), ckpt_path=ckpt.last_model_path)
     for name, value in saved.items():
         torch.testing.assert_close(seen.params[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_fit_resumed_while_the_calibration_pools_goes_on_pooling(tmp_path):
+    """A checkpoint saved before ``calibration_samples`` were seen holds the pooled statistics; the resumed fit
+    pools the rest and ends with the weights of the uninterrupted fit, bit for bit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(root, epochs, ckpt_path=None, callbacks=()):
+        msr = MeanShiftRejection(batchnorm="replace", calibration_samples=48)  # 6 batches of 8: 4 per epoch
+        model = ConvNet("sgd_momentum", batchnorm=True)
+        trainer(root, max_epochs=epochs, enable_checkpointing=bool(callbacks), callbacks=[msr, *callbacks]).fit(
+            model, loader(32, batch_size=8), ckpt_path=ckpt_path
+        )
+        return model, msr
+
+    L.seed_everything(0)
+    straight, _ = fit(tmp_path / "a", 2)
+    L.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path / "b", 1, callbacks=[checkpoint])
+    saved = torch.load(checkpoint.last_model_path, weights_only=False)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("MeanShiftRejection")]
+    assert state["calibration"]["passes"] == 4 and not state["calibration"]["complete"]
+    L.seed_everything(0)
+    resumed, msr = fit(tmp_path / "c", 2, ckpt_path=checkpoint.last_model_path)
+    assert msr._first_report.complete and msr._first_report.passes == 6 and msr._first_report.samples == 48
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name

@@ -367,6 +367,7 @@ class MeanShiftRejection(Callback):
         self._acted_on: list[str] = []  # the weights this fit acts on, seen by a second MeanShiftRejection
         self._restored_state = False  # the checkpoint resumed from holds this callback's state (trained with MSR)
         self._restored_norms: Optional[dict[str, Tensor]] = None  # the norms kept by the run resumed from
+        self._restored_calibration: Optional[dict[str, Any]] = None  # a calibration the checkpoint was taken in
 
     # ------------------------------------------------------------------ public read-only views
     @property
@@ -670,9 +671,11 @@ class MeanShiftRejection(Callback):
             # Lightning restores a checkpoint after `setup` (where the draw happened) and sets `ckpt_path` then:
             # the weights are the checkpoint's, which are never recalibrated, and a resumed run is not the start
             # whose signal the first-batch check is for (its hooks would also change how later hooks run, e.g.
-            # NoiseInjection's in-place noise, and so the resumed run's last bits)
-            self._calibration_due = False
-            self._first_report = CalibrationReport()
+            # NoiseInjection's in-place noise, and so the resumed run's last bits) -- unless the checkpoint was
+            # saved while the calibration was still pooling: then it goes on from the pooled statistics, as the
+            # uninterrupted run does
+            self._calibration_due = self._restored_calibration is not None
+            self._first_report = None if self._calibration_due else CalibrationReport()
         self._fused = self._choose_fused(trainer)
         self._project_in_backward = not self._fused and self._choose_backward(trainer)
         self._recenter_optimizers = set()
@@ -817,8 +820,10 @@ class MeanShiftRejection(Callback):
                     exclude=self._exclude,
                     reduce=reduce,
                     samples=self._calibration_samples,
+                    state=self._restored_calibration,
                 )
             )
+            self._restored_calibration = None
         else:
             self._first_report = stack.enter_context(watch_signal(pl_module))
         self._first_pass = stack
@@ -1125,6 +1130,9 @@ class MeanShiftRejection(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"initialized": self._initialized, "alpha": self._alpha, "mode": self._mode}
+        report = self._first_report
+        if self._calibration_due and self._first_pass is not None and report is not None and not report.complete:
+            state["calibration"] = report.state_dict()  # a resumed run goes on pooling where this one is
         if self._keep_magnitude and self._target_norms:
             names = {id(w.parameter): w.name for w in self._weights or []}
             kept = self._target_norms.items()
@@ -1135,6 +1143,7 @@ class MeanShiftRejection(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_state = True
         self._restored_norms = state_dict.get("kept_norms")
+        self._restored_calibration = state_dict.get("calibration") if self._calibrate else None
         self._initialized = bool(state_dict.get("initialized", self._initialized))
         self._calibration_due = False  # the weights come from a checkpoint
         model = self._model_ref() if self._model_ref is not None else None
