@@ -335,18 +335,24 @@ def write_table(rows: list[dict], path: Path, wall: Optional[float] = None) -> s
         "# Model population: every torchvision classifier at batch 1, 2 and 8",
         "",
         "Written by `benchmarks/zoo.py` (see its docstring for the method). Each cell is the classifier-input signal",
-        "on the first batch after calibration, relative to BatchNorm's in training mode (10x either way passes),",
-        "followed by the checks that failed: `nan` (a loss not finite where BatchNorm's were), `moved` (a conv that",
-        "did not move), `eval` (eval output depends on the batch), or the error. `lr` is BatchNorm's largest finite",
-        "learning rate of the grid at that batch (`-`: BatchNorm finite at none; the adoptions then ran at the",
-        "smallest).",
+        "on the first batch after calibration, relative to BatchNorm's in training mode (10x either way passes; in",
+        "parentheses for models without BatchNorm, where it is not required), then the largest training loss of the",
+        "run, then the checks that failed: `nan` (a loss not finite where BatchNorm's were), `moved` (a conv that",
+        "did not move), `eval` (eval output depends on the batch), or the error; ✗ marks a run that fails. `lr` is",
+        "BatchNorm's largest finite learning rate of the grid {0.1, 0.03, 0.01} at that batch (`-`: BatchNorm finite",
+        "at none, e.g. one value per channel at batch 1; the adoptions then ran at the smallest). At that rate",
+        "BatchNorm itself barely learns at batch 1-2 (its losses reach 10-100): the largest losses say how far from",
+        "finite each run was, not how well it learned.",
         "",
         f"**{passed} of {len(tested)} runs pass** over {len(models)} models"
         + (f"; the sweep took {wall / 60:.0f} minutes on this project's 2-core CPU." if wall else "."),
         "",
     ]
     header = ["model", "family"] + [f"{rec} b{b}" for rec in RECIPES for b in batches] + [f"lr b{b}" for b in batches]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for b in batches:
+        at = [r for r in tested if r["batch"] == str(b)]
+        lines.append(f"- batch {b}: {sum(r['passed'] == 'yes' for r in at)} of {len(at)} runs pass")
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in models:
         skip = by.get((name, "", ""))
         if skip is not None:
@@ -377,7 +383,7 @@ def _cell(r: dict) -> str:
     if r["eval_diff"] and float(r["eval_diff"]) >= 1e-3:
         marks.append("eval")
     signal = float(r["signal"]) if r["signal"] else math.nan
-    text = f"{signal:.2g}x"
+    text = f"{signal:.2g}x · {float(r['max_loss']):.3g}" if r["max_loss"] else f"{signal:.2g}x"
     if not 0.1 <= signal <= 10:
         text = f"({text})" if r["passed"] == "yes" else f"**{text}**"  # (): no BatchNorm to match
     return text + (" " + " ".join(marks) if marks else "") + ("" if r["passed"] == "yes" else " ✗")
