@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import lightning as L
@@ -12,6 +13,7 @@ import torchvision
 from helpers import ConvNet, WeightRecorder, loader, trainer
 from torch import nn
 
+import lightning_msr
 from lightning_msr import MeanShiftRejection, MSRConfigurationError, MSRWarning, replace_batchnorm
 from lightning_msr.calibration import calibrate, gain_sites, residual_branch_ends, watch_signal
 from lightning_msr.functional import adaptive_clip_, eligible_weights, mean_shift, zero_mean_init_
@@ -490,3 +492,61 @@ def test_a_fit_resumed_while_the_calibration_pools_goes_on_pooling(tmp_path):
     assert msr._first_report.complete and msr._first_report.passes == 6 and msr._first_report.samples == 48
     for name, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+class _Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+        self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class _DeepResNet(L.LightningModule):
+    def __init__(self, branches: int) -> None:
+        super().__init__()
+        stem = [nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+        blocks = [_Block(16) for _ in range(branches)]
+        self.net = nn.Sequential(*stem, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+        self.losses: list[float] = []
+        self.head_rms: list[float] = []
+        self.net[-1].register_forward_hook(lambda m, a, o: self.head_rms.append(float(a[0].square().mean().sqrt())))
+
+    def training_step(self, batch, batch_idx):
+        loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+        self.losses.append(float(loss))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+@pytest.mark.slow
+def test_fifty_residual_branches_are_as_stable_as_nine(tmp_path):
+    """The same block stacked 9 and 50 times in one stage (nothing renormalises the residual stream), adopted with
+    the defaults at batch 2 and lr 0.1: both train finite, with comparable losses, and the signal reaching the
+    classifier after the calibrating batches is of the same order at either depth -- BatchNorm's own stream grows
+    with the number of branches instead (2.5x from 9 to 50 here)."""
+    g = torch.Generator().manual_seed(0)
+    x = nn.functional.interpolate(torch.randn(96, 3, 4, 4, generator=g), size=16, mode="bilinear")
+    data = torch.utils.data.TensorDataset(x, torch.randint(0, 10, (96,), generator=g))
+    largest, signal = {}, {}
+    for branches in (9, 50):
+        torch.manual_seed(0)
+        model = _DeepResNet(branches)
+        with torch.no_grad():
+            model.net.train()(x[:2])
+        batchnorm = model.head_rms.pop()
+        callbacks = [MeanShiftRejection(batchnorm="replace"), lightning_msr.NoiseInjection()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loader_ = torch.utils.data.DataLoader(data, batch_size=2)
+            trainer(tmp_path, max_steps=40, callbacks=callbacks).fit(model, loader_)
+        assert all(math.isfinite(v) for v in model.losses), (branches, model.losses)
+        largest[branches], signal[branches] = max(model.losses), model.head_rms[32]  # 32 calibrating batches
+        if branches == 9:
+            assert 0.1 < signal[9] / batchnorm < 10, (signal[9], batchnorm)
+    assert largest[50] < 10 * largest[9], largest
+    assert 0.1 < signal[50] / signal[9] < 10, signal
