@@ -110,6 +110,12 @@ def build(name: str, size: int) -> nn.Module:
         import timm
 
         return timm.create_model(name[5:], pretrained=False, num_classes=10)
+    if name == "maxvit_t" and size < 224:
+        # maxvit_t's layers with 2x2 attention windows: its 7x7 windows need 224x224 inputs, 12x the compute
+        return torchvision.models.MaxVit(
+            input_size=(size, size), stem_channels=64, block_channels=[64, 128, 256, 512], block_layers=[2, 2, 5, 2],
+            head_dim=32, stochastic_depth_prob=0.2, partition_size=2, num_classes=10,
+        )  # fmt: skip
     kwargs: dict[str, Any] = {"num_classes": 10}
     if family(name) in ("vision_transformer",):
         kwargs["image_size"] = size
