@@ -255,11 +255,12 @@ def _followers(model: nn.Module) -> dict[str, nn.Module]:
             user = node
             while len(user.users) == 1:
                 (user,) = user.users
+                target = modules.get(user.target) if user.op == "call_module" else None
+                if isinstance(target, AutomaticGainControl) or (target is not None and gain_parameters(target)):
+                    followers[prefix + node.target] = target
+                    break
                 if not _transparent(user, modules):
                     break
-            target = modules.get(user.target) if user is not node and user.op == "call_module" else None
-            if isinstance(target, AutomaticGainControl) or (target is not None and gain_parameters(target) is not None):
-                followers[prefix + node.target] = target
     return followers
 
 
@@ -391,6 +392,8 @@ class CalibrationReport:
         kept: ``{name: why}`` for convs left at their drawn magnitude on purpose: in a normalised model, the convs
             that no gain layer follows (squeeze-and-excitation gates, conv heads), which BatchNorm did not
             normalise either.
+        adjusted: ``{name: what}`` for layers changed beyond their scale and bias: a gain control on 1x1 maps
+            (``AutomaticGainControl``), whose mean subtraction would remove the whole signal, gets ``beta = 0``.
         rms: ``{name: RMS}`` of each layer's output after calibration, and of each ``Linear``'s input (the
             "head"), on the first calibrating pass, in the order they were reached.
         input_rms: RMS of the first input the pass saw (the data), the reference of :meth:`signal_problem`.
@@ -410,6 +413,7 @@ class CalibrationReport:
     residual: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
+    adjusted: dict[str, str] = field(default_factory=dict)
     rms: dict[str, float] = field(default_factory=dict)
     input_rms: Optional[float] = None
     samples: int = 0
@@ -425,6 +429,7 @@ class CalibrationReport:
             "calibrated": list(self.calibrated),
             "residual": list(self.residual),
             "failed": dict(self.failed),
+            "adjusted": dict(self.adjusted),
             "rms": dict(self.rms),
             "input_rms": self.input_rms,
             "samples": self.samples,
@@ -485,9 +490,17 @@ def _without_scale(y: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     return torch.where(_per_channel_view(scale == 0, y), torch.zeros_like(y), y / _per_channel_view(safe, y))
 
 
+def _single_element_maps(gain_control: AutomaticGainControl, x: Tensor, name: str, adjusted: dict[str, str]) -> None:
+    """A 1x1 map's mean is the map itself: Deep Control's mean subtraction would remove the whole signal, so the
+    gain control that reads such maps gets ``beta = 0`` (once, said in the report)."""
+    if math.prod(x.shape[2:]) == 1 and bool((gain_control.beta != 0).any()):
+        gain_control.beta.zero_()
+        adjusted[name] = "its gain control reads 1x1 maps, whose mean is the signal itself: beta set to 0"
+
+
 @torch.no_grad()
 def _calibrate_site(
-    site: _Site, stats: _Statistics, args: tuple, target: float, reduce: Optional[Reduce]
+    site: _Site, stats: _Statistics, args: tuple, target: float, reduce: Optional[Reduce], adjusted: dict[str, str]
 ) -> Optional[str]:
     """Measure the site's raw signal on this pass, pool it, and set its scale and bias (or filters) from the pooled
     statistics so that its output has BatchNorm's mean and standard deviation; returns why not, if it could not.
@@ -497,7 +510,11 @@ def _calibrate_site(
     scale (its filters keep their drawn norm, BatchNorm's own parametrisation ``(W x) / std``), measured after the
     gain-less gain control that follows it, if any; any other conv through its filters."""
     module = site.module
+    if isinstance(module, AutomaticGainControl):
+        _single_element_maps(module, args[0], site.name, adjusted)
     y = module.forward(*args)  # forward(): no hooks
+    if site.through is not None:  # the gain control after the conv reads the conv's output
+        _single_element_maps(site.through, y, site.name, adjusted)
     stats.to_(y.device)
     folded = gain_parameters(module)
     if site.kind == "gain" or folded is not None:
@@ -611,7 +628,8 @@ def calibrate(
     samples = _check_positive_int("samples", samples)
     report = CalibrationReport()
     if state is not None:
-        for key in ("calibrated", "residual", "failed", "rms", "input_rms", "samples", "passes", "complete"):
+        keys = ("calibrated", "residual", "failed", "adjusted", "rms", "input_rms", "samples", "passes", "complete")
+        for key in keys:
             setattr(report, key, copy.copy(state[key]))
         report._anchor[0] = state["anchor"]
     sites = _find_sites(model, convs, patterns)
@@ -660,7 +678,7 @@ def calibrate(
                     (_zero_gain if site.kind == "gain" else _zero_filters)(module)
                     _record(site)
                 return
-            why = _calibrate_site(site, stats, args, target, reduce)
+            why = _calibrate_site(site, stats, args, target, reduce, report.adjusted)
             if why is not None:
                 report.failed[site.name] = why
             elif site.name not in report.calibrated:

@@ -227,10 +227,25 @@ def test_msr_calibrates_at_batch_one_over_the_first_batches(tmp_path):
 
 
 def test_a_layer_without_signal_is_reported():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), AutomaticGainControl(4))
-    with torch.no_grad(), calibrate(net) as report:  # 3x3 input, 3x3 kernel: 1x1 maps, beta = 1 removes all
-        net(torch.randn(16, 3, 3, 3))
-    assert "1" in report.failed and "constant" in report.failed["1"]
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), AutomaticGainControl(4))
+    _zero_mean(net)
+    with torch.no_grad(), calibrate(net) as report:  # zero-mean kernels on constant images: nothing passes
+        net(torch.ones(16, 3, 8, 8))
+    assert "0" in report.failed and "constant" in report.failed["0"]
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_a_gain_control_on_single_element_maps_keeps_the_signal(fold):
+    """A 1x1 map's mean is the map: with beta = 1 Deep Control would remove all of it, so calibration sets beta to 0
+    for that gain control (and says so) and normalises what passes."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    replace_batchnorm(net, "agc_fold" if fold else "agc")
+    with torch.no_grad(), calibrate(net) as report:  # 3x3 input, 3x3 kernel: 1x1 maps
+        y = net(torch.randn(16, 3, 3, 3))
+    site = "0" if fold else "1"
+    assert site in report.adjusted and "beta set to 0" in report.adjusted[site] and not report.failed
+    assert float(net[1].beta.abs().max()) == 0.0
+    torch.testing.assert_close(y.std(dim=(0, 2, 3)), torch.ones(4), rtol=0.3, atol=0.0)
 
 
 def _resnet_ends(model: nn.Module) -> list[str]:

@@ -238,7 +238,7 @@ class AutomaticGainControl(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the gain control to ``x`` of shape ``(N, C, *spatial)``."""
         _check_input(x, self.num_features, 3, f"{type(self).__name__}({self.num_features})")
-        if not self._warned_single_element and math.prod(x.shape[2:]) == 1:
+        if not self._warned_single_element and math.prod(x.shape[2:]) == 1 and bool((self.beta != 0).any()):
             self._warned_single_element = True
             rank_zero_warn(
                 f"{type(self).__name__}({self.num_features}) got maps of a single element (input shape "
