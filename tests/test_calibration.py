@@ -565,3 +565,14 @@ def test_fifty_residual_branches_are_as_stable_as_nine(tmp_path):
             assert 0.1 < signal[9] / batchnorm < 10, (signal[9], batchnorm)
     assert largest[50] < 10 * largest[9], largest
     assert 0.1 < signal[50] / signal[9] < 10, signal
+
+
+def test_adaptive_clip_leaves_excluded_layers_alone(tmp_path):
+    L.seed_everything(0)
+    model = ConvNet("sgd", batchnorm=True)
+    seen = _BeforeStep()
+    msr = MeanShiftRejection(batchnorm="replace", adaptive_clip=1e-3, exclude=["head"])
+    trainer(tmp_path, max_steps=1, callbacks=[msr, seen]).fit(model, loader(8, batch_size=8))
+    for name in ("head.weight", "head.bias"):  # excluded: larger than the clip would allow
+        grad, value = seen.grads[name], seen.params[name]
+        assert float(grad.abs().max()) > 1e-3 * float(value.abs().clamp(min=1.0).max()), name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from fnmatch import fnmatchcase
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -1000,10 +1001,12 @@ class MeanShiftRejection(Callback):
         if cached is not None and cached[0] == len(groups):
             return cached[1]
         model = self._model_ref() if self._model_ref is not None else None
-        modules = list(model.modules()) if model is not None else []
+        modules = list(model.named_modules()) if model is not None else []
         scales: set[int] = set()
         offsets: set[int] = set()
-        for module in modules:
+        for module_name, module in modules:
+            if any(fnmatchcase(module_name, pattern) for pattern in self._exclude):
+                continue  # `exclude`: left untouched
             gain = gain_parameters(module)
             if gain is not None:
                 scales.add(id(gain[0]))
