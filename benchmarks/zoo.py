@@ -355,9 +355,15 @@ def write_table(rows: list[dict], path: Path, wall: Optional[float] = None) -> s
         "",
     ]
     header = ["model", "family"] + [f"{rec} b{b}" for rec in RECIPES for b in batches] + [f"lr b{b}" for b in batches]
+    population = [n for n in classification_models() if not (by.get((n, "", "")) or {}).get("passed") == "skip"]
     for b in batches:
         at = [r for r in tested if r["batch"] == str(b)]
-        lines.append(f"- batch {b}: {sum(r['passed'] == 'yes' for r in at)} of {len(at)} runs pass")
+        run = {r["model"] for r in at if not r["model"].startswith("timm/")}
+        missing = len([n for n in population if n not in run])
+        lines.append(
+            f"- batch {b}: {sum(r['passed'] == 'yes' for r in at)} of {len(at)} runs pass"
+            + (f"; {missing} torchvision models not run yet at this batch size (resumable)" if missing else "")
+        )
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in models:
         skip = by.get((name, "", ""))
