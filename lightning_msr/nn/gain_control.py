@@ -238,14 +238,15 @@ class AutomaticGainControl(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the gain control to ``x`` of shape ``(N, C, *spatial)``."""
         _check_input(x, self.num_features, 3, f"{type(self).__name__}({self.num_features})")
-        if not self._warned_single_element and math.prod(x.shape[2:]) == 1 and bool((self.beta != 0).any()):
-            self._warned_single_element = True
-            rank_zero_warn(
-                f"{type(self).__name__}({self.num_features}) got maps of a single element (input shape "
-                f"{tuple(x.shape)}): such a map's mean is the element itself, so only (1 - beta) of the signal "
-                "passes, none at beta = 1. Use larger inputs, a smaller `beta_init`, or leave this layer out.",
-                category=MSRWarning,
-            )
+        if not self._warned_single_element and math.prod(x.shape[2:]) == 1:
+            self._warned_single_element = True  # looked at once, so later steps make no host sync for it
+            if bool((self.beta != 0).any()):  # beta = 0 (set by calibration on such maps) passes everything
+                rank_zero_warn(
+                    f"{type(self).__name__}({self.num_features}) got maps of a single element (input shape "
+                    f"{tuple(x.shape)}): such a map's mean is the element itself, so only (1 - beta) of the signal "
+                    "passes, none at beta = 1. Use larger inputs, a smaller `beta_init`, or leave this layer out.",
+                    category=MSRWarning,
+                )
         return automatic_gain_control(x, self.gain, self.beta, self.bias)
 
     def extra_repr(self) -> str:
