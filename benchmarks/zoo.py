@@ -39,6 +39,7 @@ import argparse
 import copy
 import csv
 import gc
+import inspect
 import math
 import sys
 import time
@@ -221,7 +222,7 @@ def input_size(name: str) -> int:
 
 
 def calibration_steps(batch: int) -> int:
-    samples = lightning_msr.MeanShiftRejection()._calibration_samples
+    samples = inspect.signature(lightning_msr.MeanShiftRejection).parameters["calibration_samples"].default
     return -(-samples // batch)
 
 
