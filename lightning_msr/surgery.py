@@ -359,6 +359,83 @@ def find_batchnorm(module: nn.Module, exclude: Optional[Sequence[str]] = None) -
     }
 
 
+def _check_not_stepped(optimizers: Sequence[torch.optim.Optimizer], found: dict[str, nn.Module]) -> None:
+    for index, optimizer in enumerate(optimizers):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise MSRConfigurationError(
+                f"Expected `optimizers` to hold torch.optim.Optimizer objects, but got {type(optimizer).__name__} at "
+                f"index {index}."
+            )
+        for name, batchnorm in found.items():
+            if any(optimizer.state.get(p) for p in batchnorm.parameters(recurse=False)):
+                raise MSRConfigurationError(
+                    f"Expected optimizers that have not stepped yet, but optimizer {index} "
+                    f"({type(optimizer).__name__}) holds state for the BatchNorm {name!r}, which the surgery "
+                    "would lose. Replace BatchNorm before training, e.g. right after building the model and "
+                    "the optimizer."
+                )
+
+
+_SCALE_LIKE = ("scale", "weight", "gain", "beta")
+
+
+def _swap_parameters(
+    optimizers: Sequence[torch.optim.Optimizer],
+    result: Replacements,
+    convs: dict[str, nn.Module],
+    old_conv_bias: dict[str, Optional[nn.Parameter]],
+) -> None:
+    """Put the parameters the surgery created where the ones it removed were in every optimizer's param groups.
+
+    Each new parameter takes the place of the BatchNorm parameter it comes from (scale-like ones the
+    ``weight``'s, the ``bias`` the ``bias``'s); where that is not in the group (``affine=False``), it goes next to
+    the conv feeding the BatchNorm, else into the first group."""
+    replaces: dict[int, list[nn.Parameter]] = {}  # old parameter -> the new ones in its place
+    dropped: set[int] = set()
+    homeless: list[tuple[nn.Parameter, list[Optional[nn.Parameter]]]] = []  # new parameter, where it may go
+    done: set[int] = set()
+    for name, batchnorm in result.items():
+        new = result.new_modules[name]
+        if id(new) in done:
+            continue  # a shared BatchNorm, listed under several names
+        done.add(id(new))
+        fresh = [(leaf.rpartition(".")[2], p) for leaf, p in new.named_parameters()]
+        conv = convs.get(name)
+        if conv is not None:
+            fresh += [(leaf, p) for leaf, p in conv.named_parameters(recurse=False) if leaf != "weight"]
+            old_bias = old_conv_bias.get(name)
+            if old_bias is not None:
+                dropped.add(id(old_bias))
+        for leaf, param in fresh:
+            source = batchnorm._parameters.get("bias" if leaf == "bias" else "weight")
+            others = [conv.weight if conv is not None else None]
+            if source is None:
+                homeless.append((param, others))
+            else:
+                replaces.setdefault(id(source), []).append(param)
+    model_params = {id(p) for p in result.module.parameters()} | set(replaces) | dropped
+    for optimizer in optimizers:
+        if not any(id(p) in model_params for g in optimizer.param_groups for p in g["params"]):
+            continue  # an optimizer of another model
+        placed: set[int] = set()
+        for group in optimizer.param_groups:
+            params = []
+            for p in group["params"]:
+                if id(p) in replaces:
+                    params += replaces[id(p)]
+                    placed.update(id(q) for q in replaces[id(p)])
+                elif id(p) not in dropped:
+                    params.append(p)
+            group["params"] = params
+        for param, near in homeless:
+            target = next(
+                (g for g in optimizer.param_groups if any(any(q is n for n in near) for q in g["params"])),
+                optimizer.param_groups[0],
+            )
+            if id(param) not in placed:
+                target["params"].append(param)
+
+
 def replace_batchnorm(
     module: nn.Module,
     replacement: Replacement = "affine",
@@ -366,6 +443,7 @@ def replace_batchnorm(
     beta_init: float = 1.0,
     fold_running_stats: bool = False,
     exclude: Optional[Sequence[str]] = None,
+    optimizers: Optional[Sequence[torch.optim.Optimizer]] = None,
 ) -> Replacements:
     """Replace every BatchNorm in ``module`` (in place) with a layer that uses no batch statistics.
 
@@ -401,8 +479,9 @@ def replace_batchnorm(
     carried over.
 
     Calling it again finds nothing to replace and returns an empty result, so it is harmless to apply
-    twice. Build the optimizer *after* the surgery (it holds the old parameters otherwise), and wrap the
-    model in DDP after it too: a wrapped model is refused. :func:`merge_scaled_convs` turns the scaled convs
+    twice. An optimizer built before the surgery holds the old parameters: pass it in ``optimizers`` and the
+    new parameters take the old ones' places in its param groups (or build it after the surgery). Wrap the
+    model in DDP after the surgery too: a wrapped model is refused. :func:`merge_scaled_convs` turns the scaled convs
     into plain ones for inference.
 
     Args:
@@ -414,6 +493,11 @@ def replace_batchnorm(
             evaluation mode. Use it to convert a *trained* model (e.g. pretrained weights) for fine-tuning.
         exclude: module-name patterns (``fnmatch`` syntax, e.g. ``"head.*"``) of BatchNorm layers to keep.
             Every pattern must match a module of ``module``.
+        optimizers: optimizers built on ``module`` before the surgery, updated in place: in every param group,
+            a BatchNorm's ``weight`` is replaced by the new layer's scale-like parameters (``scale``, ``weight``,
+            ``gain``, ``beta``) and its ``bias`` by the new ``bias``, so they keep that group's learning rate and
+            weight decay; a folded conv's own old ``bias`` is dropped (the new ``bias`` replaces it). They must
+            not have stepped yet (their state for the old parameters would be lost).
 
     Returns:
         A :class:`Replacements`: ``{qualified name: old BatchNorm}``, with ``.module`` (the model after
@@ -423,7 +507,8 @@ def replace_batchnorm(
         MSRConfigurationError: on an unknown ``replacement`` or invalid option (``beta_init`` outside
             ``[0, 1]``, an ``exclude`` pattern that matches no module); if the model is, or contains,
             a ``DistributedDataParallel``/``DataParallel``/FSDP wrapper; for an uninitialised lazy BatchNorm;
-            for a BatchNorm subclass with its own ``forward`` or submodules (use ``exclude``).
+            for a BatchNorm subclass with its own ``forward`` or submodules (use ``exclude``); for an optimizer
+            in ``optimizers`` that has already stepped the BatchNorm's parameters.
 
     Example::
 
@@ -478,9 +563,12 @@ def replace_batchnorm(
         return result
     for name, batchnorm in found.items():
         _check_replaceable(name, batchnorm)
+    optimizers = list(optimizers or [])
+    _check_not_stepped(optimizers, found)
     pairs = find_foldable_pairs(module, patterns) if replacement in _UNFOLDED else {}
     # Resolve the convs before any surgery changes the tree.
     convs = {bn_name: module.get_submodule(conv_name) for bn_name, conv_name in pairs.items()}
+    old_conv_bias = {name: conv._parameters.get("bias") for name, conv in convs.items()}
 
     new_by_id: dict[int, nn.Module] = {}
     for name, batchnorm in found.items():
@@ -503,6 +591,8 @@ def replace_batchnorm(
         else:
             result.module = new
 
+    if optimizers:
+        _swap_parameters(optimizers, result, convs, old_conv_bias)
     count = len(new_by_id)
     plural = "s" if count != 1 else ""
     if replacement in _UNFOLDED:
