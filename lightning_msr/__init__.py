@@ -15,6 +15,7 @@ Example::
 
 from lightning_msr import functional, nn, noise
 from lightning_msr.callbacks import DeepControl, MeanShiftRejection, NoiseInjection
+from lightning_msr.engine import DeepControlEngine, MSREngine, MSRSettings, NoiseEngine
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.noise import channel_noise
 from lightning_msr.strategies import MSRDDPStrategy
@@ -24,10 +25,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DeepControl",
+    "DeepControlEngine",
     "MSRConfigurationError",
     "MSRDDPStrategy",
+    "MSREngine",
+    "MSRSettings",
     "MSRWarning",
     "MeanShiftRejection",
+    "NoiseEngine",
     "NoiseInjection",
     "Replacements",
     "__version__",

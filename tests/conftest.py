@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-import lightning_msr.callbacks.mean_shift_rejection as msr_module
+import lightning_msr.engine.msr as msr_module
 import lightning_msr.functional as functional
 
 

@@ -216,7 +216,7 @@ def test_msr_calibrates_at_batch_one_over_the_first_batches(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(tmp_path, max_steps=17, callbacks=[msr]).fit(Model(), torch.utils.data.DataLoader(data, batch_size=1))
-    report = msr._first_report
+    report = msr.engine.calibration
     assert report.complete and report.passes == 16 and not report.failed
     assert len(report.calibrated) == len([n for n, k in gain_sites(net).items() if k != "kept"])
     seen.clear()
@@ -504,7 +504,8 @@ def test_a_fit_resumed_while_the_calibration_pools_goes_on_pooling(tmp_path):
     assert state["calibration"]["passes"] == 4 and not state["calibration"]["complete"]
     L.seed_everything(0)
     resumed, msr = fit(tmp_path / "c", 2, ckpt_path=checkpoint.last_model_path)
-    assert msr._first_report.complete and msr._first_report.passes == 6 and msr._first_report.samples == 48
+    report = msr.engine.calibration
+    assert report.complete and report.passes == 6 and report.samples == 48
     for name, value in straight.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
 

@@ -389,7 +389,7 @@ def test_the_fused_sgd_step_takes_the_closure_however_it_is_passed(tmp_path, how
 @pytest.mark.parametrize(("options", "fused_sgd"), [({}, True), ({"fused": True}, False)])
 def test_sgd_with_its_own_fused_kernel_keeps_its_update(tmp_path, monkeypatch, options, fused_sgd):
     """`SGD(fused=True)` unscales AMP's gradients inside its own kernel, so the callback leaves its update to it."""
-    import lightning_msr.callbacks.mean_shift_rejection as module
+    import lightning_msr.engine.step as module
 
     calls = []
     original = module.sgd_step_

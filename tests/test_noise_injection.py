@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_msr import MSRConfigurationError, NoiseInjection
-from lightning_msr.callbacks.noise_injection import _scheduled, _stream_seed
+from lightning_msr.engine.noise import scheduled as _scheduled
+from lightning_msr.engine.noise import stream_seed as _stream_seed
 from lightning_msr.noise import channel_noise
 
 # ---------------------------------------------------------------------------------------------- channel_noise
@@ -449,7 +450,7 @@ def test_resume_continues_the_same_noise_stream(tmp_path):
 
 def test_state_dict_round_trip_and_distinct_state_keys():
     a = NoiseInjection()
-    a._base_seed, a._batches = 42, 17
+    a.load_state_dict({"seed": 42, "batches": 17})
     b = NoiseInjection()
     b.load_state_dict(a.state_dict())
     assert b.state_dict() == {"seed": 42, "batches": 17}

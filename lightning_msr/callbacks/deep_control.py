@@ -1,32 +1,30 @@
 """Deep Control as a Lightning callback: every BatchNorm becomes an automatic gain control.
 
 Ruff, "Deep Control -- an automatic gain control for deep neural networks" (arXiv:1706.03907). The
-callback only decides *when*: the surgery itself is :func:`lightning_msr.replace_batchnorm` with
-``replacement="agc_fold"`` (or ``"agc"``), and the layer is :class:`lightning_msr.nn.AutomaticGainControl`.
+callback only decides *when*: the surgery is :class:`lightning_msr.engine.deep_control.DeepControlEngine`'s
+(:func:`lightning_msr.replace_batchnorm` with ``replacement="agc_fold"`` or ``"agc"``), and the layer is
+:class:`lightning_msr.nn.AutomaticGainControl`.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_msr._checks import UnitInterval, _check_beta_init, _check_bool, _check_names, _runs_in_worker_processes
-from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
-from lightning_msr.nn.gain_control import AutomaticGainControl
-from lightning_msr.surgery import Replacements, find_batchnorm, replace_batchnorm
+from lightning_msr._checks import _runs_in_worker_processes
+from lightning_msr.engine.deep_control import DeepControlEngine, DeepControlSettings, check_replaced
+from lightning_msr.exceptions import MSRWarning
+from lightning_msr.surgery import find_batchnorm
 
 __all__ = ["DeepControl"]
 
 
-class DeepControl(Callback):
+class DeepControl(DeepControlSettings, Callback):
     r"""Replace every BatchNorm of the LightningModule with Deep Control's automatic gain control.
 
     At the start of ``fit`` (in ``setup("fit")``: before a checkpoint is restored, before
@@ -62,12 +60,9 @@ class DeepControl(Callback):
     at its first forward pass, with an error that names the layer; leave such layers out with ``exclude``.
     When used together with ``MeanShiftRejection``, list ``DeepControl`` first so it sees the BatchNorm layers.
 
-    Args:
-        beta_init: initial value of every ``beta``, in ``[0, 1]`` (the fraction of the map mean removed; 1
-            removes it all, 0 starts as a plain per-channel affine layer). ``beta`` is learnt freely afterwards.
-        exclude: module-name patterns (``fnmatch`` syntax, e.g. ``"head.*"``) of BatchNorm layers to keep.
-            Every pattern must match a module of the model.
-        fold_gain: fold each gain into the conv that feeds its gain control, where there is one.
+    **Arguments**: exactly those of :class:`~lightning_msr.engine.deep_control.DeepControlSettings`, where each is
+    documented (``beta_init``, ``exclude``, ``fold_gain``); the surgery is
+    :class:`~lightning_msr.engine.deep_control.DeepControlEngine`'s.
 
     Raises:
         MSRConfigurationError: if ``beta_init`` is not in ``[0, 1]``, ``fold_gain`` not a bool, or ``exclude``
@@ -90,25 +85,14 @@ class DeepControl(Callback):
         python train.py fit --trainer.callbacks+=lightning_msr.DeepControl --trainer.callbacks.beta_init=0.9
     """
 
-    def __init__(
-        self, beta_init: UnitInterval = 1.0, exclude: Optional[Sequence[str]] = None, fold_gain: bool = True
-    ) -> None:
-        self._beta_init = _check_beta_init(beta_init)
-        self._exclude = _check_names("exclude", exclude)
-        self._fold_gain = _check_bool("fold_gain", fold_gain)
-        self._replacement = "agc_fold" if self._fold_gain else "agc"
-        self._replaced: list[str] = []
-        self._input_checks: list[RemovableHandle] = []
-        self._model_ref: Optional[weakref.ReferenceType] = None
+    _engine: Optional[DeepControlEngine] = None
+    _replaced: tuple[str, ...] = ()
+    _model_ref: Optional[weakref.ReferenceType] = None
 
     @property
     def replaced(self) -> list[str]:
         """Qualified names of the BatchNorm layers this callback replaced (empty before ``fit``)."""
         return list(self._replaced)
-
-    def __repr__(self) -> str:
-        exclude = list(self._exclude) if self._exclude else None
-        return f"{type(self).__name__}(beta_init={self._beta_init}, exclude={exclude}, fold_gain={self._fold_gain})"
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -117,13 +101,10 @@ class DeepControl(Callback):
         if self._model_ref is not None and self._model_ref() is pl_module:
             return  # a second fit of the same model: the surgery is done
         self._model_ref = weakref.ref(pl_module)
-        # replace_batchnorm refuses an `exclude` pattern that matches no module
-        replaced = replace_batchnorm(
-            pl_module, self._replacement, beta_init=self._beta_init, exclude=self._exclude
-        )
-        self._replaced = list(replaced)
-        self._guard_feature_inputs(replaced)
-        if replaced:
+        engine = DeepControlEngine(pl_module, **self.settings())
+        self._engine = engine
+        self._replaced = tuple(engine.replaced)
+        if engine.replaced:
             if _runs_in_worker_processes(trainer):
                 rank_zero_warn(
                     f"DeepControl replaced BatchNorm inside the worker processes of `{type(trainer.strategy).__name__}`"
@@ -135,7 +116,7 @@ class DeepControl(Callback):
                     category=MSRWarning,
                 )
             return
-        if any(isinstance(m, AutomaticGainControl) for m in pl_module.modules()):
+        if engine.has_gain_controls:
             rank_zero_info("DeepControl: the model has no BatchNorm left; its AutomaticGainControl layers stay.")
         else:
             rank_zero_warn(
@@ -146,39 +127,10 @@ class DeepControl(Callback):
                 category=MSRWarning,
             )
 
-    def _guard_feature_inputs(self, replaced: Replacements) -> None:
-        """Name the layer and ``exclude`` if a replaced BatchNorm turns out to see ``(N, C)`` features.
-
-        Only the first forward pass tells whether a BatchNorm1d saw ``(N, C)`` or ``(N, C, L)``: each new layer
-        gets a pre-hook that checks its first input and then removes itself, so training pays nothing.
-        """
-        seen: set[int] = set()
-        for name, layer in replaced.new_modules.items():
-            if id(layer) in seen or not isinstance(layer, AutomaticGainControl):
-                continue
-            seen.add(id(layer))
-            handle: list[RemovableHandle] = []
-
-            def check(module: nn.Module, args: tuple, name: str = name, handle: list = handle) -> None:
-                handle[0].remove()
-                x = args[0] if args else None
-                if isinstance(x, Tensor) and x.dim() == 2:
-                    raise MSRConfigurationError(
-                        f"DeepControl replaced the BatchNorm `{name}` by an AutomaticGainControl, which subtracts "
-                        "the spatial mean of each (sample, channel) map and needs input of shape (N, C, *spatial), "
-                        f"but `{name}` gets (N, C) features of shape {tuple(x.shape)} (e.g. a BatchNorm1d in an MLP "
-                        f"head). Leave it out with `DeepControl(exclude=[{name!r}])`, or turn it into a per-channel "
-                        f"scale and bias before fit with `lightning_msr.replace_batchnorm(model, 'affine')`."
-                    )
-
-            handle.append(layer.register_forward_pre_hook(check))
-            self._input_checks.append(handle[0])
-
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._input_checks:
-            handle.remove()
-        self._input_checks = []
+        if self._engine is not None:
+            self._engine.detach()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -201,11 +153,4 @@ class DeepControl(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Called after `setup` (the surgery) on resume: the checkpoint's weights need the same layers.
-        saved = list(state_dict.get("replaced", []))
-        if saved and self._replaced and saved != self._replaced:
-            rank_zero_warn(
-                f"DeepControl: the checkpoint was saved after replacing {len(saved)} BatchNorm layer(s), but "
-                f"{len(self._replaced)} were replaced in this run (first differences: "
-                f"{sorted(set(saved) ^ set(self._replaced))[:5]}). Is it the same model?",
-                category=MSRWarning,
-            )
+        check_replaced(list(state_dict.get("replaced", [])), self._replaced)
