@@ -147,3 +147,39 @@ def test_speed_tiny_two_models_budget_and_floor(tmp_path):
     text = (tmp_path / "speed.md").read_text()
     assert "## mobilenet_v2" in text and "largest batch within budget" in text
     assert (tmp_path / "speed_budget.png").stat().st_size > 0
+
+
+def test_grouped_per_step_work_adds_as_many_operator_calls_whatever_the_depth():
+    """The grouped path (KernelBank) adds a constant number of operator calls per step: resnet18 and resnet34 (twice
+    the weights) get the same count, where the per-weight path's grows with them."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from op_count import measure
+    finally:
+        sys.path.remove(str(BENCH))
+    added = {}
+    for name in ("resnet18", "resnet34"):
+        base = measure(name, None, size=16, batch=2, steps=1)["calls"]
+        for path in ("eager", "grouped"):
+            added[name, path] = measure(name, path, size=16, batch=2, steps=1)["calls"] - base
+    assert added["resnet18", "grouped"] == added["resnet34", "grouped"] < 100
+    assert added["resnet34", "eager"] > 1.5 * added["resnet18", "eager"] > 3 * added["resnet18", "grouped"]
+
+
+def test_gpu_benchmark_runs_on_the_cpu_quick(tmp_path):
+    out = _run("gpu.py", "--device", "cpu", "--quick", "--out", str(tmp_path))
+    assert "wrote" in out
+    text = (tmp_path / "gpu.md").read_text()
+    for method in ("batchnorm", "msr", "deep_control", "deleted", "groupnorm"):
+        assert f"| {method} |" in text
+    assert "the engine's added time per step" in text and "largest batch" in text
+    assert (tmp_path / "gpu.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present: the benchmark would run")
+def test_gpu_benchmark_says_when_no_gpu_is_present():
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu.py")], capture_output=True, text=True, timeout=300, cwd=BENCH.parent
+    )
+    assert proc.returncode == 2
+    assert "no CUDA GPU is present" in proc.stdout

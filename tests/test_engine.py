@@ -288,3 +288,52 @@ def test_a_model_fabric_has_wrapped_is_refused_when_batchnorm_is_to_be_replaced(
         fabric.backward(nn.functional.cross_entropy(wrapped(x), y))
         fabric_optimizer.step()
     assert msr.model is plain and worst_shift(msr) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- the grouped path
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "settings"),
+    [
+        ("sgd_momentum", {}),
+        ("adam", {}),
+        ("sgd_nesterov_wd", {"keep_magnitude": True}),
+        ("sgd_momentum", {"alpha": 0.5, "mode": "filter"}),
+    ],
+)
+def test_the_grouped_path_trains_the_weights_of_the_per_weight_path(optimizer, settings):
+    """KernelBanks do the eager path's math in a constant number of operations: the same weights within rounding,
+    on a net with spatial, depthwise, pointwise and transposed convs (the last ones are left to the per-weight path)."""
+    from helpers import OPTIMIZERS, ConvNet
+
+    finals = {}
+    for implementation in ("eager", "grouped"):
+        torch.manual_seed(0)
+        model = ConvNet()
+        opt = OPTIMIZERS[optimizer](model.parameters())
+        msr = MSREngine(model, opt, implementation=implementation, calibration_samples=8, **settings)
+        assert msr.projects_in_backward is (implementation == "eager" and settings.get("alpha", 1.0) == 1.0)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            x, y = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        finals[implementation] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if not settings.get("alpha"):  # the exact projection keeps every kernel on the isocline
+            assert worst_shift(msr) < 1e-5
+        msr.detach()
+    for name, value in finals["eager"].items():
+        torch.testing.assert_close(finals["grouped"][name], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: `auto` takes the grouped path off the CPU")
+def test_auto_takes_the_grouped_path_on_a_gpu():
+    torch.manual_seed(0)
+    model = bn_net().cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    msr = MSREngine(model, optimizer, batchnorm="replace", calibration_samples=4)
+    assert not msr.fused and not msr.projects_in_backward
+    train(model, optimizer, [(x.cuda(), y.cuda()) for x, y in batches(3)])
+    assert worst_shift(msr) < 1e-6

@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
 from lightning_msr.functional import (
+    KernelBank,
     adaptive_clip_,
     eligible_weights,
     filter_norms,
@@ -370,3 +371,85 @@ def test_adaptive_clip_of_vectors_is_element_wise(dtype):
     for p, e in zip(params, expected):
         assert p.grad.dtype == dtype
         torch.testing.assert_close(p.grad.float(), e, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- KernelBank
+
+BANK_SHAPES = [
+    ((8, 4, 3, 3), "kernel"),  # spatial kernels
+    ((6, 3, 5, 5), "kernel"),  # another kernel size: its own section
+    ((8, 6, 1, 1), "kernel"),  # pointwise: whole filters
+    ((8, 1, 3, 3), "kernel"),  # depthwise: each filter one kernel
+    ((8, 2, 3, 3), "kernel"),  # grouped conv
+    ((5, 7), "kernel"),  # Linear rows
+    ((4, 3, 5), "kernel"),  # Conv1d
+    ((2, 2, 3, 3, 3), "kernel"),  # Conv3d
+    ((8, 4, 3, 3), "filter"),  # Gradient Centralization
+]
+
+
+def _bank_case(seed: int, modes=("kernel", "filter")):
+    g = torch.Generator().manual_seed(seed)
+    params, layouts = [], []
+    for shape, mode in BANK_SHAPES:
+        if mode not in modes:
+            continue
+        p = torch.nn.Parameter(torch.randn(shape, generator=g, dtype=torch.float64))
+        p.grad = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+        params.append(p)
+        layouts.append(kernel_groups(p, mode))
+    return params, layouts
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("clip", [0.1, None])
+def test_kernel_bank_equals_the_per_weight_projection_and_clipping(alpha, clip):
+    params, layouts = _bank_case(0)
+    expected = []
+    for p, layout in zip(params, layouts):
+        grad = p.grad.clone()
+        project_groups_(grad, layout, alpha)
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = grad
+        if clip is not None:
+            adaptive_clip_([q], clip)
+        expected.append(q.grad)
+    KernelBank(params, layouts).project_and_clip_(alpha, clip)
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_bank_equals_the_per_weight_recentring_and_rescaling():
+    params, layouts = _bank_case(1)
+    with torch.no_grad():
+        params[0][3].zero_()  # an all-zero filter: kept free
+    targets = [filter_norms(p.detach()) * 0 + 1.5 for p in params]
+    targets[0][3] = 0.0
+    expected = []
+    for p, layout, target in zip(params, layouts, targets):
+        w = p.detach().clone()
+        project_groups_(w, layout, 1.0)
+        ratio = target / filter_norms(w).clamp(min=torch.finfo(w.dtype).tiny)
+        ratio[target == 0] = 1.0
+        expected.append(w * ratio)
+    bank = KernelBank(params, layouts)
+    bank.keep_norms(targets)
+    bank.recenter_and_rescale_(recenter=True, rescale=True)
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-12)
+    # the norms kept from the weights themselves hold them where they are
+    before = [p.detach().clone() for p in params]
+    bank.keep_norms()
+    bank.recenter_and_rescale_(recenter=False, rescale=True)
+    for p, want in zip(params, before):
+        torch.testing.assert_close(p.detach(), want)
+
+
+def test_kernel_bank_refuses_what_it_cannot_hold():
+    w = torch.randn(8, 4, 3, 3)
+    assert KernelBank.accepts(w, kernel_groups(w))
+    assert not KernelBank.accepts(w, kernel_groups(w), transposed=True)
+    assert "bfloat16" in KernelBank.why_not(w.bfloat16(), kernel_groups(w))
+    assert "contiguous" in KernelBank.why_not(w.to(memory_format=torch.channels_last), kernel_groups(w))
+    with pytest.raises(MSRConfigurationError, match="share one device and one dtype"):
+        KernelBank([w, w.double()], [kernel_groups(w)] * 2)

@@ -322,7 +322,7 @@ def test_no_compiler_runs_the_eager_path(tmp_path, caplog, fresh_kernel_state, m
 
 
 def test_implementation_is_checked():
-    with pytest.raises(MSRConfigurationError, match=r"implementation.*'auto', 'fused', 'eager'"):
+    with pytest.raises(MSRConfigurationError, match=r"implementation.*'auto', 'fused', 'grouped', 'eager'"):
         MeanShiftRejection(implementation="triton")
     assert "implementation='eager'" in repr(MeanShiftRejection(implementation="eager"))
 

@@ -30,7 +30,7 @@ INITS = ("zero_mean", "center", "none")
 BATCHNORM = ("error", "warn", "replace", "affine")
 TIMINGS = ("auto", "backward", "optimizer_step")
 MODES = ("kernel", "filter")
-IMPLEMENTATIONS = ("auto", "fused", "eager")
+IMPLEMENTATIONS = ("auto", "fused", "grouped", "eager")
 # Optimizers whose update is linear in the gradient (given their buffers): a zero-mean gradient gives a
 # zero-mean update, so the weights stay on the isocline with no re-centring.
 LINEAR_OPTIMIZERS: tuple[type, ...] = (torch.optim.SGD, torch.optim.ASGD)
@@ -122,11 +122,16 @@ class MSRSettings:
             uses ``configure_gradient_clipping`` or manual optimization, or the optimizer is another one, the
             projection and clipping run in one pass in ``on_before_optimizer_step``, where those hooks see the
             projected and clipped gradients, and the rescaling and re-centring in one pass after the step.
-            ``"eager"`` runs the same math as PyTorch operations, the projection in backward hooks where exact. Both
-            give the same weights within float32 rounding. ``"auto"`` (default) takes the fused path where it can --
-            float32 CPU weights, a C compiler, no Trainer gradient clipping (which must see projected gradients), no
-            ``projection_timing="backward"`` -- and otherwise runs the eager one with one info message saying why
-            (e.g. on GPUs); ``"fused"`` warns instead when it cannot be taken.
+            ``"grouped"`` runs the same math as PyTorch operations on all the kernels at once
+            (:class:`~lightning_msr.functional.KernelBank`: the gradients copied into one buffer per kind of kernel,
+            about twenty operations per kind, so the number of operator calls -- kernel launches on a GPU -- does not
+            grow with depth; the projection at the step). ``"eager"`` runs it weight by weight, the projection in
+            backward hooks where exact. All three give the same weights within float32 rounding. ``"auto"``
+            (default) takes the fused path where it can -- float32 CPU weights, a C compiler, no Trainer gradient
+            clipping (which must see projected gradients), no ``projection_timing="backward"`` -- and otherwise the
+            grouped one for weights off the CPU (GPUs) and the eager one on the CPU (where the grouped one measured
+            slower: copies and segment reductions cost more than the launches they save), with one info message
+            saying why; ``"fused"`` warns instead when it cannot be taken.
 
 
     Raises:
@@ -161,7 +166,7 @@ class MSRSettings:
         calibrate: bool = True,
         residual_scale: float = 0.3,
         adaptive_clip: Optional[float] = 0.1,
-        implementation: Literal["auto", "fused", "eager"] = "auto",
+        implementation: Literal["auto", "fused", "grouped", "eager"] = "auto",
         calibration_samples: int = 64,
     ) -> None:
         self._alpha = _check_in_range("alpha", alpha, 0.0, 1.0)

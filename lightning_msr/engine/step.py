@@ -12,7 +12,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,7 @@ from lightning_msr._sharding import is_sharded, local_shard
 from lightning_msr.calibration import gain_parameters
 from lightning_msr.engine.settings import LINEAR_OPTIMIZERS, MSRSettings
 from lightning_msr.functional import (
+    KernelBank,
     KernelGroups,
     KernelWeight,
     adaptive_clip_,
@@ -34,6 +35,15 @@ from lightning_msr.fused import unsupported as fused_unsupported
 from lightning_msr.nn.gain_control import AutomaticGainControl
 
 __all__ = ["StepWork"]
+
+
+class _Banks(NamedTuple):
+    """What one optimizer steps, for the grouped path: the banks (and whether their kernels are centred: the free
+    stem is only clipped), the kernels no bank holds, and the clipped filters no bank holds."""
+
+    banks: list[tuple[KernelBank, bool]]
+    rest: list[tuple[nn.Parameter, KernelGroups]]
+    rest_clipped: list[nn.Parameter]
 
 _TINY = torch.finfo(torch.float32).tiny
 # per kernel: the float32 filter norms kept, the filters that were all zero then (None if none was), and the
@@ -77,6 +87,7 @@ class StepWork:
         }
         self._transposed = {id(w.parameter): w.transposed for w in self.weights}
         self.fused = False
+        self.grouped = False  # the eager math in KernelBanks: a constant number of operations per kind of kernel
         self.project_in_backward = False
         self.target_norms: KeptNorms = {}
         self._recenter_optimizers: set[int] = set()
@@ -89,6 +100,8 @@ class StepWork:
         self._clipped: dict[int, tuple[int, list[nn.Parameter]]] = {}
         self._gains: dict[int, tuple[int, tuple[list[nn.Parameter], list[nn.Parameter]]]] = {}
         self._fused_weights_of: dict[int, tuple[int, list[FusedWeight]]] = {}
+        self._banks: dict[int, tuple[int, _Banks]] = {}
+        self._banks_keep_norms = False  # the banks' kept norms are stale (`keep_norms` ran since they were set)
         # the gradients of the kernels the fused SGD pass updated, set aside while SGD's own loop steps the rest
         self._set_aside: dict[int, list[tuple[Tensor, Optional[Tensor]]]] = {}
         self._before_step_hook: Optional[Callable[[torch.optim.Optimizer], None]] = None
@@ -135,19 +148,22 @@ class StepWork:
         fused: bool,
         backward: bool,
         fuse_update: Callable[[torch.optim.Optimizer], bool],
+        grouped: bool = False,
         clip_by_value: bool = False,
         run_before_step: bool = False,
     ) -> None:
         """Register the hooks for ``optimizers``: the fused path (``fused``) or the eager one, projecting in
         backward (``backward``, eager only); ``fuse_update(optimizer)`` says whether the fused pass also does that
-        optimizer's SGD update; with ``run_before_step`` a step pre-hook runs :meth:`before_step` (outside the
-        Trainer, which calls it from ``on_before_optimizer_step``)."""
+        optimizer's SGD update; ``grouped`` runs the eager path's math in :class:`~lightning_msr.functional.KernelBank`
+        s (a constant number of operations per kind of kernel); with ``run_before_step`` a step pre-hook runs
+        :meth:`before_step` (outside the Trainer, which calls it from ``on_before_optimizer_step``)."""
         self.detach()
         self.fused = fused
+        self.grouped = not fused and grouped
         self.project_in_backward = not fused and backward
         self._recenter_optimizers = set()
         self._fused_sgd = set()
-        self._params, self._clipped, self._gains, self._fused_weights_of = {}, {}, {}, {}
+        self._params, self._clipped, self._gains, self._fused_weights_of, self._banks = {}, {}, {}, {}, {}
         for optimizer in optimizers:
             if self.needs_recentering(optimizer, clip_by_value):
                 self._recenter_optimizers.add(id(optimizer))
@@ -214,13 +230,36 @@ class StepWork:
                 project_and_clip_(self._fused_weights(optimizer))
                 self._clip_gains(optimizer)
             return
-        if not self.project_in_backward and self._alpha != 0.0:
-            with torch.no_grad():
-                for param, layout in self._params_of(optimizer):
-                    if param.grad is not None:
-                        project_groups_(param.grad, layout, self._alpha)
+        if self.grouped:
+            self._before_step_grouped(optimizer)
+            return
+        self._project(self._params_of(optimizer))
         if self._adaptive_clip is not None:
             adaptive_clip_(self._clipped_of(optimizer), self._adaptive_clip)
+            self._clip_gains(optimizer)
+
+    def _project(self, params: list[tuple[nn.Parameter, KernelGroups]]) -> None:
+        if not self.project_in_backward and self._alpha != 0.0:
+            with torch.no_grad():
+                for param, layout in params:
+                    if param.grad is not None:
+                        project_groups_(param.grad, layout, self._alpha)
+
+    def _before_step_grouped(self, optimizer: torch.optim.Optimizer) -> None:
+        banks = self._banks_of(optimizer)
+        alpha = 0.0 if self.project_in_backward else self._alpha
+        for bank, centred in banks.banks:
+            if all(p.grad is not None for p in bank.params):
+                bank.project_and_clip_(alpha if centred else 0.0, self._adaptive_clip)
+                continue
+            # some kernels got no gradient this step (an unused branch): the per-weight path, for this step
+            if centred:
+                self._project([(p, self.layouts[id(p)][1]) for p in bank.params])
+            if self._adaptive_clip is not None:
+                adaptive_clip_(bank.params, self._adaptive_clip)
+        self._project(banks.rest)
+        if self._adaptive_clip is not None:
+            adaptive_clip_(banks.rest_clipped, self._adaptive_clip)
             self._clip_gains(optimizer)
 
     def _make_step_pre(self, run_before_step: bool) -> Callable:
@@ -269,8 +308,34 @@ class StepWork:
             recenter_and_rescale_([w for w in self._fused_weights(optimizer) if w.parameter.grad is not None])
             return
         recenter = id(optimizer) in self._recenter_optimizers
+        params = self._params_of(optimizer)
+        if self.grouped:
+            params = self._after_step_grouped(optimizer, recenter)
+        self._recenter_and_rescale(params, recenter)
+
+    def _after_step_grouped(
+        self, optimizer: torch.optim.Optimizer, recenter: bool
+    ) -> list[tuple[nn.Parameter, KernelGroups]]:
+        """The banks' re-centring and rescaling; returns the kernels left to the per-weight path."""
+        banks = self._banks_of(optimizer)
+        rescale = bool(self.target_norms)
+        if rescale and self._banks_keep_norms:
+            for bank in self._all_banks():
+                bank.keep_norms([self.target_norms[id(p)][0] for p in bank.params])
+            self._banks_keep_norms = False
+        rest = list(banks.rest)
+        for bank, centred in banks.banks:
+            if not centred:
+                continue
+            if all(p.grad is not None for p in bank.params):
+                bank.recenter_and_rescale_(recenter, rescale)
+            else:  # only what this step updated: the per-weight path skips the rest
+                rest += [(p, self.layouts[id(p)][1]) for p in bank.params]
+        return rest
+
+    def _recenter_and_rescale(self, params: list[tuple[nn.Parameter, KernelGroups]], recenter: bool) -> None:
         with torch.no_grad():
-            for param, layout in self._params_of(optimizer):
+            for param, layout in params:
                 if param.grad is None:  # only what this step updated; frozen kernels are left alone
                     continue
                 if recenter:
@@ -302,6 +367,7 @@ class StepWork:
                 captured[id(w.parameter)] = (target, free if bool(free.any()) else None, w.transposed, w.groups)
         self.target_norms = captured
         self._fused_weights_of = {}  # they hold the old norms
+        self._banks_keep_norms = True
 
     def kept_norms(self) -> dict[str, Tensor]:
         """The norms kept, by weight name (for a checkpoint)."""
@@ -339,6 +405,42 @@ class StepWork:
                 weights.append(FusedWeight.of(param, alpha=0.0, clip=clip))
         self._fused_weights_of[id(optimizer)] = (key, weights)
         return weights
+
+    def _banks_of(self, optimizer: torch.optim.Optimizer) -> _Banks:
+        """The kernels (and the free stem) ``optimizer`` steps, in :class:`~lightning_msr.functional.KernelBank` s by
+        device and dtype, and what no bank can hold (ConvTranspose, channels_last, 16-bit or sharded weights).
+        Rebuilt when a param group is added."""
+        key = len(optimizer.param_groups)
+        cached = self._banks.get(id(optimizer))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        grouped: dict[tuple, tuple[list[nn.Parameter], list[KernelGroups]]] = {}
+        rest = []
+        for param, layout in self._params_of(optimizer):
+            if KernelBank.accepts(param, layout, self._transposed[id(param)]):
+                entry = grouped.setdefault((param.device, param.dtype, True), ([], []))
+                entry[0].append(param)
+                entry[1].append(layout)
+            else:
+                rest.append((param, layout))
+        rest_clipped = [p for p in self._clipped_of(optimizer) if id(p) not in self.layouts]  # the free stem
+        if self._adaptive_clip is not None:
+            for param in list(rest_clipped):
+                layout = kernel_groups(param.shape)
+                if KernelBank.accepts(param, layout):
+                    entry = grouped.setdefault((param.device, param.dtype, False), ([], []))
+                    entry[0].append(param)
+                    entry[1].append(layout)
+                    rest_clipped.remove(param)
+        in_bank = {id(p) for params, _ in grouped.values() for p in params}
+        rest_clipped += [p for p in self._clipped_of(optimizer) if id(p) in self.layouts and id(p) not in in_bank]
+        banks = _Banks([(KernelBank(ps, ls), key[2]) for key, (ps, ls) in grouped.items()], rest, rest_clipped)
+        self._banks[id(optimizer)] = (len(optimizer.param_groups), banks)
+        self._banks_keep_norms = True
+        return banks
+
+    def _all_banks(self) -> list[KernelBank]:
+        return [bank for _, banks in self._banks.values() for bank, centred in banks.banks if centred]
 
     def _clip_gains(self, optimizer: torch.optim.Optimizer) -> None:
         """Adaptive clipping of what the filters' clipping leaves and can still blow up (see ``adaptive_clip``)."""
