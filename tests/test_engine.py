@@ -337,3 +337,29 @@ def test_auto_takes_the_grouped_path_on_a_gpu():
     assert not msr.fused and not msr.projects_in_backward
     train(model, optimizer, [(x.cuda(), y.cuda()) for x, y in batches(3)])
     assert worst_shift(msr) < 1e-6
+
+
+def test_noise_on_a_folded_conv_is_added_in_place_with_the_same_values_and_gradients():
+    """A ScaledConv2d (BatchNorm folded) returns a fresh tensor its backward does not keep, like a stock conv: the
+    noise is multiplied in place there, saving an activation-sized allocation per layer."""
+    from lightning_msr.engine.noise import NoiseEngine as Engine
+    from lightning_msr.nn import ScaledConv2d
+
+    results = []
+    for inplace_types in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4))
+        lightning_msr.replace_batchnorm(model, "fold")  # the BatchNorm becomes an Identity
+        assert isinstance(model[0], ScaledConv2d)
+        if not inplace_types:  # a second forward hook may have kept the clean output: out of place
+            model[0].register_forward_hook(lambda m, a, out: None)
+        engine = Engine(model, scale=0.3, shift=0.1, seed=0)
+        x = torch.randn(2, 1, 6, 6, requires_grad=True)
+        y = model(x)  # a training forward of the model: the noise is on
+        assert (y._version > 0) is inplace_types  # the conv's own output, changed in place
+        y.square().sum().backward()
+        results.append((y.detach(), x.grad, model[0].weight.grad, model[0].scale.grad))
+        assert engine.batches == 1
+        engine.detach()
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)

@@ -34,6 +34,7 @@ from lightning_msr._checks import (
     _examples,
 )
 from lightning_msr.exceptions import MSRConfigurationError
+from lightning_msr.nn.scaled_conv import is_scaled_conv
 from lightning_msr.noise import Distribution, channel_noise
 
 __all__ = ["NoiseEngine", "NoiseSettings", "scheduled", "stream_seed"]
@@ -288,7 +289,9 @@ class NoiseEngine(NoiseSettings):
         for name, module in targets:
             # Convs also accept unbatched input (C, *spatial); other modules are read as (N, C, ...).
             unbatched_dims = len(module.kernel_size) + 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
-            hook = partial(self._add_noise, name, unbatched_dims, type(module) in _INPLACE_SAFE)
+            # a folded conv (ScaledConv*) returns a fresh tensor its backward does not need either
+            inplace_safe = type(module) in _INPLACE_SAFE or is_scaled_conv(module)
+            hook = partial(self._add_noise, name, unbatched_dims, inplace_safe)
             self._handles.append(module.register_forward_hook(hook))
         self._counts_steps = optimizer is not None
         if optimizer is not None:
