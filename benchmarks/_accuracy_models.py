@@ -335,7 +335,7 @@ class FilterResponseNorm2d(nn.Module):
         return torch.maximum(y, self.tau.view(shape)) if self.tau is not None else y
 
 
-NORM_KINDS = ("bn", "gn", "frn", "affine", "exp_affine", "agc", "none")
+NORM_KINDS = ("bn", "gn", "gnws", "frn", "affine", "exp_affine", "agc", "none")
 
 
 def _norm(kind: str, channels: int, act: bool = False) -> nn.Module:
@@ -445,15 +445,39 @@ class ResNet20(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-ARCHS = ("vgg", "resnet20")
+ARCHS = ("vgg", "resnet20", "resnet8")
+
+
+class _Standardize(nn.Module):
+    """Weight Standardization (Qiao et al. 2019) as a parametrization: each filter to zero mean, unit variance."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        flat = weight.flatten(1)
+        mean = flat.mean(1, keepdim=True)
+        std = flat.std(1, keepdim=True, unbiased=False)
+        return ((flat - mean) / (std + 1e-5)).view_as(weight)
+
+
+def _standardize_convs(model: nn.Module) -> nn.Module:
+    from torch.nn.utils import parametrize
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            parametrize.register_parametrization(module, "weight", _Standardize())
+    return model
 
 
 def make_model(arch: str, task: Task, norm: str) -> nn.Module:
-    """The network of ``arch`` (``"vgg"``: :func:`vgg_small`, ``"resnet20"``: :class:`ResNet20`) for ``task``."""
+    """The network of ``arch`` (``"vgg"``: :func:`vgg_small`, ``"resnet20"``: :class:`ResNet20`, ``"resnet8"``: the
+    same with one block per stage) for ``task``. ``norm="gnws"`` is GroupNorm after Weight-Standardized convs."""
+    if norm == "gnws":
+        return _standardize_convs(make_model(arch, task, "gn"))
     if arch == "vgg":
         return vgg_small(task.image_size, task.num_classes, norm=norm, widths=task.widths)
     if arch == "resnet20":
         return ResNet20(task.num_classes, norm=norm, widths=task.widths)
+    if arch == "resnet8":
+        return ResNet20(task.num_classes, norm=norm, widths=task.widths, blocks=1)
     raise ValueError(f"Expected an architecture in {ARCHS}, but got {arch!r}.")
 
 
@@ -473,6 +497,7 @@ BASE_METHODS = {
     # name: (layer after every conv, MeanShiftRejection?, NoiseInjection?)
     "batchnorm": ("bn", False, False),
     "groupnorm": ("gn", False, False),
+    "gn_ws": ("gnws", False, False),
     "frn": ("frn", False, False),
     # the network is built with BatchNorm and adopted by the callbacks only: MeanShiftRejection(batchnorm="replace")
     "msr_replace": ("bn", True, False),

@@ -149,7 +149,13 @@ class Classifier(L.LightningModule):
             self.epoch_losses.append(self._sum / self._count)
 
     def configure_optimizers(self) -> Any:
-        conv = [m.weight for m in self.modules() if isinstance(m, nn.Conv2d)]
+        from torch.nn.utils import parametrize
+
+        conv = [  # a Weight-Standardized conv (`gn_ws`) trains its parametrization's original weight
+            m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+            for m in self.modules()
+            if isinstance(m, nn.Conv2d)
+        ]
         ids = {id(p) for p in conv}
         rest = [p for p in self.parameters() if id(p) not in ids]
         groups = [{"params": rest}, {"params": conv, "lr": self.lr * self.conv_lr}]
@@ -450,6 +456,8 @@ def write_report(rows: list[dict], out: Path, title_note: str = "", ablation_row
 METHOD_NOTES = {
     "batchnorm": "BatchNorm2d after every conv (batch statistics in training, running statistics in evaluation)",
     "groupnorm": "`nn.GroupNorm` after every conv, groups of 4 channels (at most 32 groups): per-sample statistics",
+    "gn_ws": "`groupnorm` after Weight-Standardized convs (each filter to zero mean and unit variance before use; "
+    "Qiao et al. 2019), the strongest published small-batch fix",
     "frn": "Filter Response Normalization + TLU (Singh & Krishnan 2020) in place of every BatchNorm + ReLU: "
     "`max(gamma * x / sqrt(mean_HW(x^2) + 1e-6) + beta, tau)`; per sample, no batch statistics (before a "
     "residual sum without TLU; the ReLU after the sum stays)",
@@ -488,7 +496,8 @@ def _protocol(rows: list[dict]) -> list[str]:
         "convs 16,16,32,32; shapes 12x12: 3 stages, convs 8,8,16,16,32,32; Fashion-MNIST 28x28: 4 stages, "
         "convs 16,16,32,32,64,64,64,64. `resnet20` -- the CIFAR-style ResNet-20 of He et al. (3x3 stem, 3 stages "
         "of 3 basic blocks, 16/32/64 channels, 1x1 conv + BatchNorm projection shortcuts, global average pool, "
-        "linear head), written with BatchNorm and ReLU as users write it. Only the layer after each conv "
+        "linear head), written with BatchNorm and ReLU as users write it; `resnet8` -- the same with one block per "
+        "stage. Only the layer after each conv "
         "and the callbacks differ between methods; the MSR variants have no normalisation "
         "layer anywhere when they train (checked per run: column `norm_layers` of the CSV; the `msr_replace*` "
         "rows start from the BatchNorm network and `MeanShiftRejection(batchnorm='replace')` swaps it).",
