@@ -338,6 +338,19 @@ class FilterResponseNorm2d(nn.Module):
 NORM_KINDS = ("bn", "gn", "gnws", "frn", "affine", "exp_affine", "agc", "none")
 
 
+def swap_batchnorm(model: nn.Module, kind: str) -> int:
+    """Replace every BatchNorm2d of a model built with BatchNorm (a torchvision one) by a peer, in place: ``"gn"``
+    (GroupNorm of up to 32 groups that divide the channels) or ``"frn"`` (FRN + TLU; the ReLU after it stays).
+    Returns how many were replaced. For the speed benchmarks, where the peer must sit where BatchNorm was."""
+    swapped = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    for name, bn in swapped:
+        channels = bn.num_features
+        new = nn.GroupNorm(math.gcd(32, channels), channels) if kind == "gn" else FilterResponseNorm2d(channels)
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, new.to(bn.weight.device))
+    return len(swapped)
+
+
 def _norm(kind: str, channels: int, act: bool = False) -> nn.Module:
     """The layer after a conv, with the activation that follows it when ``act`` (``frn``: the TLU is the activation)."""
     if kind == "frn":

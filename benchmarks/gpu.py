@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import math
 import statistics
 import sys
 import time
@@ -41,20 +40,13 @@ import torchvision
 from torch import nn
 
 from lightning_msr import DeepControlEngine, MSREngine, NoiseEngine, replace_batchnorm
-from lightning_msr.surgery import find_batchnorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _accuracy_models import swap_batchnorm
 
 METHODS = ("batchnorm", "msr", "deep_control", "deleted", "groupnorm")
 # not reported as a method: the converted model without the engine, the reference of the engine's added time
 REFERENCE = "converted"
-
-
-def _groupnorm(model: nn.Module) -> None:
-    """Every BatchNorm becomes a GroupNorm of groups of up to 32 channels (Wu & He's 32 groups where they divide)."""
-    for name, bn in list(find_batchnorm(model).items()):
-        channels = bn.num_features
-        groups = math.gcd(32, channels)
-        parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent), attribute, nn.GroupNorm(groups, channels).to(bn.weight.device))
 
 
 def build(name: str, method: str, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer, list[Any]]:
@@ -62,7 +54,7 @@ def build(name: str, method: str, device: torch.device) -> tuple[nn.Module, torc
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, num_classes=1000).to(device)  # ImageNet's head
     if method == "groupnorm":
-        _groupnorm(model)
+        swap_batchnorm(model, "gn")
     if method == "deleted":
         replace_batchnorm(model, "identity")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-5)

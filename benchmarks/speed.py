@@ -54,7 +54,10 @@ from torch import nn
 
 import lightning_msr
 
-METHODS = ("batchnorm", "msr", "msr_affine", "msr_noise", "agc", "agc_unfolded", "no_norm")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _accuracy_models import swap_batchnorm
+
+METHODS = ("batchnorm", "msr", "msr_affine", "msr_noise", "agc", "agc_unfolded", "no_norm", "groupnorm", "frn")
 MODELS = ("resnet18", "mobilenet_v2")
 FIELDS = [
     "model",
@@ -79,17 +82,24 @@ WHAT = {
     "mean subtraction and a bias), which saves only its map means",
     "agc_unfolded": "`AutomaticGainControl` with its gain, which needs the conv output for the gain's gradient",
     "no_norm": "nothing at all (`nn.Identity`): the floor, BatchNorm deleted without a replacement",
+    "groupnorm": "`nn.GroupNorm` (up to 32 groups) in place of every BatchNorm: per-sample statistics, the peer "
+    "small-batch users pick",
+    "frn": "Filter Response Normalization + TLU in place of every BatchNorm (the ReLU after it stays)",
 }
 
 
 class _ReplaceBatchNorm(L.Callback):
-    """``replace_batchnorm(model, replacement)`` at fit setup, for the ``no_norm`` floor."""
+    """At fit setup: ``replace_batchnorm(model, "identity")`` for the ``no_norm`` floor, or a peer normalisation
+    (``"gn"``, ``"frn"``) where every BatchNorm was."""
 
     def __init__(self, replacement: str) -> None:
         self._replacement = replacement
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        lightning_msr.replace_batchnorm(pl_module, self._replacement)
+        if self._replacement in ("gn", "frn"):
+            swap_batchnorm(pl_module, self._replacement)
+        else:
+            lightning_msr.replace_batchnorm(pl_module, self._replacement)
 
 
 def callbacks_for(method: str) -> list:
@@ -98,6 +108,8 @@ def callbacks_for(method: str) -> list:
         return []
     if method == "no_norm":
         return [_ReplaceBatchNorm("identity")]
+    if method in ("groupnorm", "frn"):
+        return [_ReplaceBatchNorm("gn" if method == "groupnorm" else "frn")]
     if method in ("agc", "agc_unfolded"):
         return [lightning_msr.DeepControl(fold_gain=method == "agc")]
     batchnorm = "affine" if method == "msr_affine" else "replace"

@@ -128,19 +128,22 @@ def test_ddp_projection_exposes_blocking_collectives_and_hides_overlapped_bucket
 def test_speed_tiny_two_models_budget_and_floor(tmp_path):
     _run(
         "speed.py", "--tiny", "--out", str(tmp_path), "--models", "resnet18", "mobilenet_v2",
-        "--methods", "batchnorm", "msr", "msr_affine", "agc", "no_norm", "--budget-methods", "batchnorm", "msr",
+        "--methods", "batchnorm", "msr", "msr_affine", "agc", "no_norm", "groupnorm", "frn",
+        "--budget-methods", "batchnorm", "msr",
     )  # fmt: skip
     rows = list(csv.DictReader(open(tmp_path / "speed.csv")))
     assert {(r["model"], r["method"]) for r in rows} == {
         (model, method)
         for model in ("resnet18", "mobilenet_v2")
-        for method in ("batchnorm", "msr", "msr_affine", "agc", "no_norm")
+        for method in ("batchnorm", "msr", "msr_affine", "agc", "no_norm", "groupnorm", "frn")
     }
     for model in ("resnet18", "mobilenet_v2"):
         saved = {r["method"]: int(r["saved_bytes"]) for r in rows if r["model"] == model}
         # folding the scale into the conv saves what deleting BatchNorm saves; the separate layer does not
         assert saved["no_norm"] <= saved["msr"] <= 1.02 * saved["no_norm"] < saved["msr_affine"] <= saved["batchnorm"]
         assert saved["msr"] < saved["agc"] < saved["msr_affine"]
+        # the per-sample peers keep their input for backward, as BatchNorm does
+        assert saved["msr"] < 0.8 * saved["groupnorm"] and saved["msr"] < 0.8 * saved["frn"]
     budget = list(csv.DictReader(open(tmp_path / "speed_budget.csv")))
     assert {r["method"] for r in budget} == {"batchnorm", "msr"}
     assert all(float(r["peak_rss_mib"]) > float(r["baseline_rss_mib"]) > 0 for r in budget)
