@@ -75,6 +75,8 @@ __all__ = [
 # channel seen 8 times is mostly the layer's, one seen 2048 times mostly its own): a scale frozen from a few
 # values is mostly noise, and it is multiplied through depth.
 _SHRINK = 64.0
+# Elements per float64 chunk when the statistics are summed (8 MiB), bounding the calibration's transient memory.
+_CHUNK = 1 << 20
 # A channel's variance is never taken below this fraction of its layer's mean variance (dead or nearly
 # constant channels would otherwise get enormous gains).
 _VARIANCE_FLOOR = 1e-2
@@ -366,15 +368,39 @@ class _Statistics:
             if value is not None and value.device != device:
                 setattr(self, name, value.to(device))
 
-    def add(self, u: Tensor, reduce: Optional[Reduce]) -> tuple[Tensor, Tensor, float]:
-        u = u.detach().double()
-        dims = [d for d in range(u.dim()) if d != 1]
-        count = torch.tensor([float(u.numel() // u.shape[1])], dtype=torch.float64, device=u.device)
-        sums = torch.cat([count, u.sum(dim=dims), u.square().sum(dim=dims)])
+    def add(
+        self, y: Tensor, reduce: Optional[Reduce], scale: Optional[Tensor] = None, bias: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor, float]:
+        """Pool the per-channel statistics of ``u = (y - bias) / scale`` (``u = y`` without them; 0 where the scale
+        is 0) and return the pooled mean, variance and count. The sums of ``y`` and ``y**2`` are taken in float64
+        over chunks of samples and turned into those of ``u`` per channel, so no float64 copy of the output exists:
+        materialising ``u`` in float64 cost several activations and was the calibrating step's memory peak."""
+        y = y.detach()
+        dims = [d for d in range(y.dim()) if d != 1]
+        n = float(y.numel() // y.shape[1])
+        per_sample = max(1, y.numel() // max(y.shape[0], 1))
+        first = y.new_zeros(y.shape[1], dtype=torch.float64)
+        second = y.new_zeros(y.shape[1], dtype=torch.float64)
+        for part in y.split(max(1, _CHUNK // per_sample), dim=0):
+            part = part.double()
+            first += part.sum(dim=dims)
+            second += part.square_().sum(dim=dims)
+        if bias is not None:
+            b = bias.detach().double()
+            second = second - 2.0 * b * first + n * b.square()
+            first = first - n * b
+        if scale is not None:
+            s = scale.detach().double()
+            zero = s == 0
+            safe = torch.where(zero, torch.ones_like(s), s)
+            first = torch.where(zero, torch.zeros_like(first), first / safe)
+            second = torch.where(zero, torch.zeros_like(second), second / safe.square())
+        count = torch.tensor([n], dtype=torch.float64, device=y.device)
+        sums = torch.cat([count, first, second])
         if reduce is not None:
             sums = reduce(sums)
         self.sums = sums if self.sums is None else self.sums + sums
-        channels = u.shape[1]
+        channels = y.shape[1]
         n = float(self.sums[0])
         mean = self.sums[1 : 1 + channels] / n
         second = self.sums[1 + channels :] / n
@@ -456,7 +482,8 @@ class CalibrationReport:
 def _rms(t: Any) -> Optional[float]:
     if not isinstance(t, Tensor) or not t.is_floating_point() or t.numel() == 0:
         return None
-    return float(t.detach().double().square().mean().sqrt())
+    # float32 accumulation (a diagnostic): a float64 copy and its square would cost 4 activations
+    return float(torch.linalg.vector_norm(t.detach().float())) / math.sqrt(t.numel())
 
 
 def _no_signal(mean: Tensor, variance: Tensor) -> Optional[str]:
@@ -521,14 +548,15 @@ def _calibrate_site(
         scale, bias = folded  # type: ignore[misc]
         if site.kind == "gain" and bool((scale == 0).all()):
             return None  # a gain the user (or zero_init_residual) set to zero stays zero
-        u = _without_scale(y, scale, bias)
-        if site.through is not None:  # the gain control's mean subtraction, without its bias
+        raw: tuple = (y, scale, bias)
+        if site.through is not None:  # the gain control's mean subtraction, without its bias: u itself is needed
+            u = _without_scale(y, scale, bias)
             beta = _per_channel_view(site.through.beta.detach().double(), u)
-            u = u - beta * u.mean(dim=tuple(range(2, u.dim())), keepdim=True)
+            raw = (u - beta * u.mean(dim=tuple(range(2, u.dim())), keepdim=True), None, None)
     else:
         if stats.factor is None:
             stats.factor = torch.ones(y.shape[1], dtype=torch.float64, device=y.device)
-        u = _without_scale(y, stats.factor, module.bias)
+        raw = (y, stats.factor, module.bias)
     if stats.target_std is None:
         if site.kind == "gain":
             stats.target_std = target * scale.detach().double().abs()
@@ -536,7 +564,7 @@ def _calibrate_site(
         else:
             stats.target_std = torch.full((y.shape[1],), target, dtype=torch.float64, device=y.device)
             stats.target_mean = torch.zeros_like(stats.target_std)
-    mean, variance, n = stats.add(u, reduce)
+    mean, variance, n = stats.add(raw[0], reduce, scale=raw[1], bias=raw[2])
     why = _no_signal(mean, variance)
     if why:
         return why
