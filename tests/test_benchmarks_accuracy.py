@@ -394,3 +394,34 @@ def test_best_lr_plan_adds_seeds_at_the_best_lr_of_finished_sweeps_only():
         for m, lr in [("a", 0.1), ("a", 0.2), ("a", 0.4), ("b", 0.1)]  # b's sweep is unfinished
     ]
     assert accuracy.best_lr_plan(plan, rows, [1, 2]) == [("d", "vgg", 100, "a", 32, 0.2, s, 5) for s in (1, 2)]
+
+
+def test_accuracy_summary_picks_each_methods_best_learning_rate(tmp_path):
+    import csv as csv_module
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from accuracy_summary import main as summary
+    finally:
+        sys.path.pop(0)
+    fields = ["arch", "method", "batch_size", "lr", "seed", "test_acc", "seconds"]
+    rows = {
+        "longrun.csv": [
+            ("resnet8", "batchnorm", 128, 0.1, 0, 0.92), ("resnet8", "batchnorm", 128, 0.1, 1, 0.93),
+            ("resnet8", "batchnorm", 128, 0.2, 0, 0.91),
+            ("resnet8", "msr_replace_noise", 128, 0.2, 0, 0.90), ("resnet8", "msr_replace_noise", 128, 0.4, 0, 0.10),
+        ],
+        "smallbatch.csv": [("resnet20", "groupnorm", 8, 0.05, 0, 0.70), ("resnet20", "groupnorm", 8, 0.1, 0, 0.72)],
+    }  # fmt: skip
+    for name, values in rows.items():
+        with (tmp_path / name).open("w", newline="") as fh:
+            writer = csv_module.writer(fh)
+            writer.writerow(fields)
+            writer.writerows([(*v, 60.0) for v in values])
+    out = tmp_path / "summary.md"
+    assert summary(["--csv-dir", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| BatchNorm | 92.50 ± 0.71 (lr 0.1, n=2) |" in text
+    assert "| MSR defaults | 90.00 (lr 0.2, n=1) |" in text
+    assert "**-2.50 points**" in text
+    assert "| GroupNorm | 72.00 (lr 0.1, n=1) |" in text

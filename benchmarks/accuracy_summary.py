@@ -1,0 +1,141 @@
+"""The long run and the small-batch sweep on Fashion-MNIST, summarised from their result files.
+
+Both are ``benchmarks/accuracy.py`` sweeps (resumable; the commands are in the page this writes):
+
+* ``docs/benchmarks/longrun.csv`` -- all 60 000 training images, 10 epochs, batch 128, a ResNet-8 (the ResNet-20 with
+  one block per stage), BatchNorm against the MSR defaults, each method's LR swept on seed 0 and seed 1 run at the best;
+* ``docs/benchmarks/smallbatch.csv`` -- 5 000 images, 2 epochs, batch 8, 4 and 2, a ResNet-20: BatchNorm, GroupNorm,
+  GroupNorm + Weight Standardization, FRN and the MSR defaults, each at the best LR of its own sweep.
+
+Writes ``docs/benchmarks/long-run-small-batch.md``: each method at its best learning rate (mean over the seeds run
+there) and every swept learning rate, with the number of seeds, so what is missing shows.
+
+Usage::
+
+    python benchmarks/accuracy_summary.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+ORDER = ("msr_replace_noise", "batchnorm", "groupnorm", "gn_ws", "frn")
+NAMES = {
+    "msr_replace_noise": "MSR defaults",
+    "batchnorm": "BatchNorm",
+    "groupnorm": "GroupNorm",
+    "gn_ws": "GroupNorm + WS",
+    "frn": "FRN",
+}
+
+
+def best_by_setting(path: Path) -> dict[tuple, dict]:
+    """``(arch, batch, method) -> {lr, mean, std, n, sweep: {lr: (mean, n)}, seconds}``, the best LR by mean."""
+    runs: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    seconds: dict[tuple, float] = defaultdict(float)
+    for row in csv.DictReader(path.open()):
+        key = (row["arch"], int(row["batch_size"]), row["method"])
+        runs[key][float(row["lr"])].append(100 * float(row["test_acc"]))
+        seconds[key] += float(row["seconds"])
+    result = {}
+    for key, sweep in runs.items():
+        best = max(sweep, key=lambda lr: statistics.mean(sweep[lr]))
+        values = sweep[best]
+        result[key] = {
+            "lr": best,
+            "mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values),
+            "sweep": {lr: (statistics.mean(v), len(v)) for lr, v in sorted(sweep.items())},
+            "seconds": seconds[key],
+        }
+    return result
+
+
+def _cell(entry: Optional[dict]) -> str:
+    if entry is None:
+        return "--"
+    spread = f" ± {entry['std']:.2f}" if entry["std"] is not None else ""
+    return f"{entry['mean']:.2f}{spread} (lr {entry['lr']:g}, n={entry['n']})"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DOCS / "long-run-small-batch.md")
+    parser.add_argument("--csv-dir", type=Path, default=DOCS, help="where longrun.csv and smallbatch.csv are")
+    args = parser.parse_args(argv)
+    lines = [
+        "# The long run and small batches on Fashion-MNIST",
+        "",
+        "Written by `python benchmarks/accuracy_summary.py` from `longrun.csv` and `smallbatch.csv`. Test accuracy "
+        "in %, each method at the best learning rate of its own sweep (the mean over the seeds run there; `n` is "
+        "that number of seeds). Learning rates are the ones used at that batch size. Protocol as in "
+        "[accuracy](accuracy.md): SGD with momentum 0.9, weight decay 5e-4, cosine decay, random-crop augmentation.",
+        "",
+    ]
+    long_path = args.csv_dir / "longrun.csv"
+    if long_path.exists():
+        runs = best_by_setting(long_path)
+        lines += [
+            "## The long run: all 60 000 images, 10 epochs, batch 128 (4 690 steps), ResNet-8",
+            "",
+            "`python benchmarks/accuracy.py --dataset fashion_mnist --arch resnet8 --methods <method> "
+            "--batch-sizes 128 --lrs <grid> --lr-scaling none --seeds 0 --best-lr-seeds 1 --epochs 10 "
+            "--csv docs/benchmarks/longrun.csv` (BatchNorm's grid 0.05 0.1 0.2, MSR's 0.1 0.2 0.4; the full "
+            "10 000-image test set).",
+            "",
+            "| method | at its best LR | every LR (mean, seeds) | wall clock of its runs |",
+            "|---|---|---|---|",
+        ]
+        for method in ORDER:
+            entry = runs.get(("resnet8", 128, method))
+            if entry is None:
+                continue
+            sweep = ", ".join(f"{lr:g}: {m:.2f} (n={n})" for lr, (m, n) in entry["sweep"].items())
+            lines.append(f"| {NAMES[method]} | {_cell(entry)} | {sweep} | {entry['seconds'] / 60:.0f} min |")
+        msr, bn = runs.get(("resnet8", 128, "msr_replace_noise")), runs.get(("resnet8", 128, "batchnorm"))
+        if msr and bn:
+            lines += ["", f"MSR against BatchNorm at convergence: **{msr['mean'] - bn['mean']:+.2f} points**."]
+        lines.append("")
+    small_path = args.csv_dir / "smallbatch.csv"
+    if small_path.exists():
+        runs = best_by_setting(small_path)
+        batches = sorted({b for _, b, _ in runs}, reverse=True)
+        lines += [
+            "## Small batches: 5 000 images, 2 epochs, ResNet-20",
+            "",
+            "`python benchmarks/accuracy.py --dataset fashion_mnist --arch resnet20 --train-size 5000 --test-size 5000 "
+            "--methods msr_replace_noise batchnorm groupnorm gn_ws frn --batch-sizes 8 4 2 --lrs 0.05 0.1 0.2 0.4 "
+            "--seeds 0 --best-lr-seeds 1 --epochs 2 --csv docs/benchmarks/smallbatch.csv` (learning rates given for "
+            "batch 32, scaled by sqrt(batch / 32)).",
+            "",
+            "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
+            "|---|" + "---|" * len(batches),
+        ]
+        for method in ORDER:
+            cells = [_cell(runs.get(("resnet20", b, method))) for b in batches]
+            lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
+        lines += ["", "Every learning rate (mean, seeds; a diverged run counts as chance, about 10 %):", ""]
+        lines += ["| method | batch | lr: accuracy |", "|---|---|---|"]
+        for method in ORDER:
+            for b in batches:
+                entry = runs.get(("resnet20", b, method))
+                if entry is not None:
+                    sweep = ", ".join(f"{lr:g}: {m:.1f} (n={n})" for lr, (m, n) in entry["sweep"].items())
+                    lines.append(f"| {NAMES[method]} | {b} | {sweep} |")
+        total = sum(e["seconds"] for e in runs.values()) / 60
+        lines += ["", f"Wall clock of these runs: {total:.0f} min on a shared 2-core CPU."]
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
