@@ -40,8 +40,13 @@ def best_by_setting(path: Path) -> dict[tuple, dict]:
     """``(arch, batch, method) -> {lr, mean, std, n, sweep: {lr: (mean, n)}, seconds}``, the best LR by mean."""
     runs: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     seconds: dict[tuple, float] = defaultdict(float)
+    seen = set()
     for row in csv.DictReader(path.open()):
         key = (row["arch"], int(row["batch_size"]), row["method"])
+        run = (*key, float(row["lr"]), row["seed"])
+        if run in seen:  # two sweeps sharing the file ran the same configuration: one seed, counted once
+            continue
+        seen.add(run)
         runs[key][float(row["lr"])].append(100 * float(row["test_acc"]))
         seconds[key] += float(row["seconds"])
     result = {}
@@ -59,11 +64,13 @@ def best_by_setting(path: Path) -> dict[tuple, dict]:
     return result
 
 
-def _cell(entry: Optional[dict]) -> str:
+def _cell(entry: Optional[dict], grid: int = 0) -> str:
+    """The best LR's accuracy; ``grid``: how many LRs a finished sweep has (a shorter one is marked)."""
     if entry is None:
         return "--"
     spread = f" ± {entry['std']:.2f}" if entry["std"] is not None else ""
-    return f"{entry['mean']:.2f}{spread} (lr {entry['lr']:g}, n={entry['n']})"
+    partial = f", {len(entry['sweep'])} of {grid} LRs so far" if len(entry["sweep"]) < grid else ""
+    return f"{entry['mean']:.2f}{spread} (lr {entry['lr']:g}, n={entry['n']}{partial})"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -119,8 +126,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
             "|---|" + "---|" * len(batches),
         ]
+        grid = max(len(e["sweep"]) for e in runs.values())
         for method in ORDER:
-            cells = [_cell(runs.get(("resnet20", b, method))) for b in batches]
+            cells = [_cell(runs.get(("resnet20", b, method)), grid) for b in batches]
             lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
         lines += ["", "Every learning rate (mean, seeds; a diverged run counts as chance, about 10 %):", ""]
         lines += ["| method | batch | lr: accuracy |", "|---|---|---|"]
