@@ -163,7 +163,13 @@ class DeepControlEngine(DeepControlSettings):
 
 
 def check_replaced(saved: list[str], replaced: list[str]) -> None:
-    """Warn when a checkpoint was saved after replacing other BatchNorm layers (``saved``) than ``replaced``."""
+    """Warn when a checkpoint was saved after replacing other BatchNorm layers (``saved``) than ``replaced``.
+
+    Example::
+
+        >>> from lightning_msr.engine.deep_control import check_replaced
+        >>> check_replaced(["1", "4"], ["1", "4"])  # the same layers: nothing to say
+    """
     if saved and replaced and saved != replaced:
         rank_zero_warn(
             f"DeepControl: the checkpoint was saved after replacing {len(saved)} BatchNorm layer(s), but "

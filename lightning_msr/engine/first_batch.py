@@ -30,12 +30,26 @@ class FirstBatch:
     Args:
         model: the model (its parameters are changed in place by the calibration).
         convs: the convs to calibrate (those MSR acts on and the free stem).
-        residual_scale, samples, exclude, advice_calibrate: as ``MeanShiftRejection``'s ``residual_scale``,
-            ``calibration_samples``, ``exclude``, and whether the settings allow a calibration at all (for the
-            advice of a warning).
+        residual_scale: as ``MeanShiftRejection``'s.
+        samples: ``MeanShiftRejection``'s ``calibration_samples``.
+        exclude: ``MeanShiftRejection``'s ``exclude``.
+        advice_calibrate: whether the settings allow a calibration at all (for the advice of a warning).
         due: calibrate (a fresh draw) rather than watch.
         state: the pooled statistics of a calibration that a checkpoint was taken in, to go on from.
         done: nothing left to do (a resumed run whose calibration was complete).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_msr.engine.first_batch import FirstBatch
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+        >>> first = FirstBatch(model, [model[0], model[2]], residual_scale=0.3, samples=2, exclude=(),
+        ...                    advice_calibrate=True, due=True)
+        >>> first.start()
+        >>> _ = model(torch.randn(2, 1, 8, 8))
+        >>> first.finish(broadcast=lambda tensor: None), first.report.complete
+        (True, True)
     """
 
     def __init__(

@@ -57,7 +57,7 @@ def _world_size() -> int:
     return torch.distributed.get_world_size() if _distributed() else 1
 
 
-def broadcast_(tensor: Tensor) -> None:
+def _broadcast_(tensor: Tensor) -> None:
     """Copy rank 0's values into ``tensor`` on every process (a no-op outside ``torch.distributed``).
 
     A sharded (FSDP2) tensor is left alone: each rank holds different rows, drawn from the same seed."""
@@ -197,7 +197,7 @@ class MSREngine(MSRSettings):
         self._work = self._collect(model)
         if self._initialize(model) and _check_bool("broadcast_draw", broadcast_draw):
             for w in self._work.weights:
-                broadcast_(w.parameter)
+                _broadcast_(w.parameter)
         if optimizers:
             self.attach(optimizers)
 
@@ -594,7 +594,7 @@ class MSREngine(MSRSettings):
 
     def batch_end(self) -> None:
         """After a training step: the first batch's work is finished (unless the calibration pools on)."""
-        if self._first is not None and self._first.open and self._first.finish(broadcast_):
+        if self._first is not None and self._first.open and self._first.finish(_broadcast_):
             self._keep_norms()
 
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -82,13 +82,27 @@ def _check_module_types(value: Any) -> tuple[str, ...]:
 
 
 def stream_seed(base_seed: int, rank: int, batch: int, slot: int) -> int:
-    """The seed of the noise drawn on one device (``slot``) of one rank in one training batch."""
+    """The seed of the noise drawn on one device (``slot``) of one rank in one training batch.
+
+    Example::
+
+        >>> from lightning_msr.engine.noise import stream_seed
+        >>> stream_seed(0, 0, 5, 0) == stream_seed(0, 0, 5, 0), stream_seed(0, 0, 5, 0) == stream_seed(0, 1, 5, 0)
+        (True, False)
+    """
     digest = hashlib.blake2b(f"{base_seed}/{rank}/{batch}/{slot}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & _SEED_MASK
 
 
 def scheduled(start: float, final: float, progress: float, schedule: str) -> float:
-    """The noise level at ``progress`` in [0, 1] of training: constant, or decayed linearly / by a half cosine."""
+    """The noise level at ``progress`` in [0, 1] of training: constant, or decayed linearly / by a half cosine.
+
+    Example::
+
+        >>> from lightning_msr.engine.noise import scheduled
+        >>> scheduled(0.2, 0.0, 0.5, "linear"), scheduled(0.2, 0.0, 0.5, "constant")
+        (0.1, 0.2)
+    """
     if schedule == "constant" or start == final:
         return start
     progress = min(max(progress, 0.0), 1.0)

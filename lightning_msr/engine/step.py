@@ -58,7 +58,23 @@ class StepWork:
     :meth:`attach` chooses the path (fused or eager, projection in backward or before the step) and registers
     the hooks; :meth:`before_step` must then run once per optimizer step on the final gradients (after the
     all-reduce, unscaling and accumulation) -- unless ``attach(run_before_step=True)`` registered a step pre-hook
-    that runs it; :meth:`detach` removes every hook.
+    that runs it; :meth:`detach` removes every hook. :class:`~lightning_msr.MSREngine` builds and drives it.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_msr import MSRSettings
+        >>> from lightning_msr.engine.step import StepWork
+        >>> from lightning_msr.functional import eligible_weights, mean_shift
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(36, 2))
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> work = StepWork(MSRSettings(implementation="eager"), model, eligible_weights(model), stem=None)
+        >>> work.attach([optimizer], fused=False, backward=True, fuse_update=lambda o: False, run_before_step=True)
+        >>> model(torch.randn(2, 1, 5, 5)).sum().backward()
+        >>> bool(model[0].weight.grad.mean(dim=(2, 3)).abs().max() < 1e-6)  # projected in backward
+        True
+        >>> work.detach()
     """
 
     def __init__(
