@@ -568,16 +568,14 @@ class _Section:
             for p, layout in zip(params, layouts)
         ]
         self.lengths = torch.cat(lengths).to(first.device)
-        self.filters = int(self.lengths.numel())
         self.grads = first.new_empty(self.numel)
         self.weights = first.new_empty(self.numel)
         self.grad_views = self._views(self.grads)
         self.weight_views = self._views(self.weights)
-        # the (groups, size) views of the two buffers, made once: a view is an operator call too
+        # the (groups, size) views of the two buffers, and the (groups, size, 1) ones the per-weight projection
+        # takes, made once: a view is an operator call too
         self.rows = {} if ragged else {id(b): b.view(-1, self.size) for b in (self.grads, self.weights)}
-        self.mean_vector = (
-            None if ragged else torch.full((self.size,), 1.0 / self.size, dtype=first.dtype, device=first.device)
-        )
+        self.groups = {} if ragged else {id(b): b.view(-1, self.size, 1) for b in (self.grads, self.weights)}
 
     def _views(self, buffer: Tensor) -> list[Tensor]:
         views, offset = [], 0
@@ -593,11 +591,7 @@ class _Section:
                 means.mul_(alpha)
             buffer.sub_(torch.repeat_interleave(means, self.lengths, output_size=self.numel))
             return
-        rows = self.rows[id(buffer)]
-        means = torch.mv(rows, self.mean_vector)
-        if alpha != 1.0:
-            means.mul_(alpha)
-        rows.sub_(means.unsqueeze(1))
+        _subtract_group_mean_(self.groups[id(buffer)], alpha)  # the per-weight path's own projection
 
     def filter_norms(self, buffer: Tensor) -> Tensor:
         if self.ragged:

@@ -191,7 +191,6 @@ class MSREngine(MSRSettings):
         self._restored_norms: Optional[dict[str, Tensor]] = None
         self._restored_calibration: Optional[dict[str, Any]] = None
         self._forward_handle: Optional[RemovableHandle] = None
-        self._optimizers: list[torch.optim.Optimizer] = []
         self._first: Optional[FirstBatch] = None
         self.replaced: dict[str, nn.Module] = self._adopt(model, optimizers)
         self._work = self._collect(model)
@@ -524,7 +523,6 @@ class MSREngine(MSRSettings):
             run_before_step=run_before_step,
         )
         self._work.set_before_step(self.before_optimizer_step)
-        self._optimizers = optimizers
         if self._first is None:  # once per engine (a second fit is not a start), or after a restore
             self._first = self._new_first_batch()
         self._keep_norms()
