@@ -552,61 +552,39 @@ def adaptive_clip_(parameters: Iterable[Tensor], clip: float, eps: float = 1e-3)
 
 
 class _Section:
-    """Weights of a bank whose kernel groups have one shape: ``size`` elements each, ``rows`` groups in all
-    (``ragged=False``: spatial kernels, a ``(rows, size)`` view, each filter ``rows_per_filter`` groups), or groups
-    that are whole filters of different sizes (``ragged=True``: pointwise convs, Linear rows, ``mode="filter"``)."""
+    """A contiguous run of a bank's buffer holding kernels whose groups have one shape: ``size`` elements each
+    (``ragged=False``: spatial kernels, a ``(groups, size, 1)`` view), or groups that are whole filters of different
+    sizes (``ragged=True``: pointwise convs, Linear rows, ``mode="filter"``; ``lengths`` their sizes)."""
 
-    def __init__(self, params: list[Tensor], layouts: list[KernelGroups], ragged: bool) -> None:
-        self.params = params
-        first = params[0]
-        self.numel = sum(p.numel() for p in params)
-        self.ragged = ragged
-        self.size = 0 if ragged else layouts[0].size
-        # per output filter: its number of groups (fixed) or of elements (ragged)
-        lengths = [
-            torch.full((p.shape[0],), p.numel() // p.shape[0] // (1 if ragged else layout.size), dtype=torch.long)
-            for p, layout in zip(params, layouts)
-        ]
-        self.lengths = torch.cat(lengths).to(first.device)
-        self.grads = first.new_empty(self.numel)
-        self.weights = first.new_empty(self.numel)
-        self.grad_views = self._views(self.grads)
-        self.weight_views = self._views(self.weights)
-        # the (groups, size) views of the two buffers, and the (groups, size, 1) ones the per-weight projection
-        # takes, made once: a view is an operator call too
-        self.rows = {} if ragged else {id(b): b.view(-1, self.size) for b in (self.grads, self.weights)}
-        self.groups = {} if ragged else {id(b): b.view(-1, self.size, 1) for b in (self.grads, self.weights)}
+    def __init__(self, start: int, stop: int, size: int, lengths: Optional[Tensor]) -> None:
+        self.start, self.stop, self.size, self.lengths = start, stop, size, lengths
+        self._views: dict[int, Tensor] = {}
 
-    def _views(self, buffer: Tensor) -> list[Tensor]:
-        views, offset = [], 0
-        for p in self.params:
-            views.append(buffer[offset : offset + p.numel()].view(p.shape))
-            offset += p.numel()
-        return views
+    def view(self, buffer: Tensor) -> Tensor:
+        """This section of ``buffer`` (made once per buffer: a view is an operator call too)."""
+        view = self._views.get(id(buffer))
+        if view is None:
+            view = buffer[self.start : self.stop]
+            view = view if self.lengths is not None else view.view(-1, self.size, 1)
+            self._views[id(buffer)] = view
+        return view
 
     def project_(self, buffer: Tensor, alpha: float) -> None:
-        if self.ragged:
-            means = torch.segment_reduce(buffer, "mean", lengths=self.lengths)
-            if alpha != 1.0:
-                means.mul_(alpha)
-            buffer.sub_(torch.repeat_interleave(means, self.lengths, output_size=self.numel))
+        view = self.view(buffer)
+        if self.lengths is None:
+            _subtract_group_mean_(view, alpha)  # the per-weight path's own projection
             return
-        _subtract_group_mean_(self.groups[id(buffer)], alpha)  # the per-weight path's own projection
+        means = torch.segment_reduce(view, "mean", lengths=self.lengths)
+        if alpha != 1.0:
+            means.mul_(alpha)
+        view.sub_(torch.repeat_interleave(means, self.lengths, output_size=view.numel()))
 
-    def filter_norms(self, buffer: Tensor) -> Tensor:
-        if self.ragged:
-            squares = torch.segment_reduce(buffer * buffer, "sum", lengths=self.lengths)
-        else:
-            rows = self.rows[id(buffer)]
-            squares = torch.segment_reduce((rows * rows).sum(1), "sum", lengths=self.lengths)
-        return squares.sqrt_()
 
-    def scale_filters_(self, buffer: Tensor, factors: Tensor) -> None:
-        if self.ragged:
-            buffer.mul_(torch.repeat_interleave(factors, self.lengths, output_size=self.numel))
-        else:
-            rows = self.rows[id(buffer)]
-            rows.mul_(torch.repeat_interleave(factors, self.lengths, output_size=rows.shape[0]).unsqueeze(1))
+def _unit_lengths(param: Tensor) -> Tensor:
+    """Elements per adaptive-clipping unit of ``param``: its output filters (rows), or its elements if 1-D."""
+    if param.dim() <= 1:
+        return torch.ones(param.numel(), dtype=torch.long)
+    return torch.full((param.shape[0],), param.numel() // param.shape[0], dtype=torch.long)
 
 
 class KernelBank:
@@ -614,59 +592,115 @@ class KernelBank:
 
     The per-weight functions (:func:`project_groups_`, :func:`adaptive_clip_`, :func:`filter_norms`) launch a few
     operations for every weight, so the work of a step grows with the depth of the network -- on a GPU, each is a
-    kernel launch of a few microseconds whatever its size. A bank copies all the gradients (or weights) it holds into
-    one buffer per kind of kernel group with one ``torch._foreach_copy_``, does the projection, the per-filter norms
-    and the clipping or rescaling on the buffer as segment operations, and copies the results back with another:
-    about twenty operations per kind, and there are two or three kinds in a network (3x3 kernels, 5x5 kernels,
-    pointwise filters), however many layers it has. The results equal the per-weight functions' within float32
-    rounding. The buffers cost one copy of the weights and one of their gradients.
+    kernel launch of a few microseconds whatever its size. A bank copies every gradient (or weight) it holds into one
+    flat buffer with one ``torch._foreach_copy_``, projects each kind of kernel group (3x3 kernels, 5x5 kernels,
+    whole filters) on its own run of the buffer, clips every unit of the whole buffer with one set of segment
+    operations, and copies the results back with one more: about fifteen operations for the clipping and three per
+    kind of kernel, however many layers the network has. The results equal the per-weight functions' within
+    float32 rounding. The buffers cost one copy of the parameters it holds and one of their gradients.
 
-    Every weight must be a contiguous, unsharded ``float32``/``float64`` tensor whose output filters are contiguous
-    runs of whole kernel groups: conv and Linear weights with the layout of :func:`kernel_groups` (not a
+    Besides the kernels (centred and clipped), a bank can hold parameters that are only clipped
+    (:func:`adaptive_clip_`'s units: rows of a weight of 2 or more dims, elements of a 1-D one): ``clipped``, relative
+    to their own size (the free stem, Linear weights, per-channel scales), and ``offsets``, relative to ``max(|b|,
+    offset_eps)`` (biases).
+
+    Every parameter must be a contiguous, unsharded ``float32``/``float64`` tensor, and every kernel's output filters
+    contiguous runs of whole kernel groups: conv and Linear weights with the layout of :func:`kernel_groups` (not a
     ``ConvTranspose``, whose output filters are strided); see :meth:`accepts`.
 
     Args:
-        params: the weights (all on one device, of one dtype).
+        params: the kernels (all parameters of one device and dtype).
         layouts: their :class:`KernelGroups`, from :func:`kernel_groups`.
+        clipped: parameters clipped (not centred) relative to their own size.
+        offsets: parameters clipped relative to ``max(|b|, offset_eps)``.
+        offset_eps: the smallest size of an offset (1: the calibrated signal's standard deviation).
 
     Example::
 
         >>> import torch
         >>> from lightning_msr.functional import KernelBank, kernel_groups
         >>> weights = [torch.nn.Parameter(torch.randn(8, 4, 3, 3)), torch.nn.Parameter(torch.randn(8, 8, 1, 1))]
-        >>> for w in weights:
-        ...     w.grad = torch.randn_like(w)
-        >>> bank = KernelBank(weights, [kernel_groups(w) for w in weights])
+        >>> bias = torch.nn.Parameter(torch.zeros(8))
+        >>> for p in (*weights, bias):
+        ...     p.grad = torch.randn_like(p)
+        >>> bank = KernelBank(weights, [kernel_groups(w) for w in weights], offsets=[bias])
         >>> bank.project_and_clip_(alpha=1.0, clip=0.1)
         >>> spatial, pointwise = (w.grad for w in weights)
         >>> bool(spatial.mean(dim=(2, 3)).abs().max() < 1e-6), bool(pointwise.mean(dim=1).abs().max() < 1e-6)
         (True, True)
         >>> ratio = weights[0].grad.flatten(1).norm(dim=1) / weights[0].flatten(1).norm(dim=1)
-        >>> bool(ratio.max() <= 0.1 + 1e-6)
-        True
+        >>> bool(ratio.max() <= 0.1 + 1e-6), bool(bias.grad.abs().max() <= 0.1 + 1e-6)  # a zero bias moves by 0.1
+        (True, True)
     """
 
-    def __init__(self, params: Sequence[Tensor], layouts: Sequence[KernelGroups]) -> None:
-        params, layouts = list(params), list(layouts)
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        layouts: Sequence[KernelGroups],
+        clipped: Sequence[Tensor] = (),
+        offsets: Sequence[Tensor] = (),
+        offset_eps: float = 1.0,
+    ) -> None:
+        params, layouts, clipped, offsets = list(params), list(layouts), list(clipped), list(offsets)
         for p, layout in zip(params, layouts):
             why = self.why_not(p, layout)
             if why is not None:
                 raise MSRConfigurationError(f"Expected weights a KernelBank can hold, but got one that {why}.")
-        if len({(p.device, p.dtype) for p in params}) > 1:
+        for p in clipped + offsets:
+            why = self.why_not(p, None, centred=False)
+            if why is not None:
+                raise MSRConfigurationError(f"Expected parameters a KernelBank can hold, but got one that {why}.")
+        members = params + clipped + offsets
+        if not members:
+            raise MSRConfigurationError("Expected at least one parameter for a KernelBank, but got none.")
+        if len({(p.device, p.dtype) for p in members}) > 1:
             raise MSRConfigurationError("Expected the weights of a KernelBank to share one device and one dtype.")
-        self.params = params
-        kinds: dict[int, tuple[list[Tensor], list[KernelGroups]]] = {}  # group size (0: whole filters) -> weights
+        self.offset_eps = _check_positive("offset_eps", offset_eps)
+        # the kernels by kind of group, each kind a contiguous run of the buffer: fixed sizes first, whole filters last
+        kinds: dict[int, list[tuple[Tensor, KernelGroups]]] = {}
         for p, layout in zip(params, layouts):
-            kind = 0 if layout.outer == p.shape[0] else layout.size
-            kinds.setdefault(kind, ([], []))[0].append(p)
-            kinds[kind][1].append(layout)
-        self._sections = [_Section(ps, ls, ragged=kind == 0) for kind, (ps, ls) in sorted(kinds.items())]
-        self._targets: Optional[list[tuple[Tensor, Optional[Tensor]]]] = None
+            kinds.setdefault(0 if layout.outer == p.shape[0] else layout.size, []).append((p, layout))
+        ordered = sorted(kinds.items(), key=lambda item: (item[0] == 0, item[0]))
+        self.params, self.clipped, self.offsets = params, clipped, offsets
+        self._kernels = [p for _, entries in ordered for p, _ in entries]  # in buffer order
+        self.members = self._kernels + clipped + offsets  # every parameter held, in buffer order
+        device, dtype = members[0].device, members[0].dtype
+        self._sections, offset = [], 0
+        for size, entries in ordered:
+            numel = sum(p.numel() for p, _ in entries)
+            lengths = None
+            if size == 0:
+                lengths = torch.cat([_unit_lengths(p) for p, _ in entries]).to(device)
+            self._sections.append(_Section(offset, offset + numel, size, lengths))
+            offset += numel
+        self._kernel_numel = offset
+        self.numel = sum(p.numel() for p in self.members)
+        self.grads = torch.empty(self.numel, device=device, dtype=dtype)
+        self.weights = torch.empty(self.numel, device=device, dtype=dtype)
+        self.grad_views = self._views(self.grads, self.members)
+        self.weight_views = self._views(self.weights, self.members)
+        self.kernel_weights = self.weights[: self._kernel_numel]
+        # every clipping unit of the buffer (output filters, elements of 1-D parameters), its size and its eps
+        self.unit_lengths = torch.cat([_unit_lengths(p) for p in self.members]).to(device)
+        self._kernel_units = sum(_unit_lengths(p).numel() for p in self._kernels)
+        self._kernel_lengths = self.unit_lengths[: self._kernel_units]
+        self._offset_units = sum(_unit_lengths(p).numel() for p in offsets)
+        self._eps_for: Optional[tuple[float, Tensor]] = None
+        self._targets: Optional[tuple[Tensor, Optional[Tensor]]] = None
 
     @staticmethod
-    def why_not(weight: Tensor, layout: Optional[KernelGroups]) -> Optional[str]:
-        """Why ``weight`` (with ``layout``) cannot be held by a bank, or ``None``."""
-        if layout is None:
+    def _views(buffer: Tensor, params: list[Tensor]) -> list[Tensor]:
+        views, offset = [], 0
+        for p in params:
+            views.append(buffer[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return views
+
+    @staticmethod
+    def why_not(weight: Tensor, layout: Optional[KernelGroups], centred: bool = True) -> Optional[str]:
+        """Why ``weight`` (a kernel with ``layout``; with ``centred=False`` a parameter only clipped) cannot be held
+        by a bank, or ``None``."""
+        if centred and layout is None:
             return "has no kernel group to centre"
         if weight.dtype not in (torch.float32, torch.float64):
             return f"is stored in {weight.dtype} (a bank holds float32 or float64)"
@@ -674,6 +708,8 @@ class KernelBank:
             return "is sharded"
         if not weight.is_contiguous():
             return "is not contiguous (e.g. channels_last)"
+        if not centred:
+            return None
         if layout.inner != 1 or layout.outer * layout.size != weight.numel():
             return "has strided kernel groups (a ConvTranspose's pointwise weight)"
         if layout.outer != weight.shape[0] and layout.outer % weight.shape[0]:
@@ -681,75 +717,85 @@ class KernelBank:
         return None
 
     @staticmethod
-    def accepts(weight: Tensor, layout: Optional[KernelGroups], transposed: bool = False) -> bool:
-        """Whether a bank can hold ``weight``: see :meth:`why_not`; a ``ConvTranspose`` weight never (its output
+    def accepts(weight: Tensor, layout: Optional[KernelGroups], transposed: bool = False, centred: bool = True) -> bool:
+        """Whether a bank can hold ``weight``: see :meth:`why_not`; a ``ConvTranspose`` kernel never (its output
         filters are strided across dim 0)."""
-        return not transposed and KernelBank.why_not(weight, layout) is None
+        return not (transposed and centred) and KernelBank.why_not(weight, layout, centred) is None
+
+    def _eps(self, eps: float) -> Tensor:
+        """The smallest size of every unit: ``eps``, and ``offset_eps`` for the offsets (made once per ``eps``)."""
+        if self._eps_for is None or self._eps_for[0] != eps:
+            values = torch.full(self.unit_lengths.shape, eps, device=self.weights.device, dtype=self.weights.dtype)
+            if self._offset_units:
+                values[-self._offset_units :] = self.offset_eps
+            self._eps_for = (eps, values)
+        return self._eps_for[1]
+
+    def _unit_norms(self, buffer: Tensor, lengths: Tensor) -> Tensor:
+        return torch.segment_reduce(buffer * buffer, "sum", lengths=lengths).sqrt_()
 
     def project_and_clip_(self, alpha: float, clip: Optional[float], eps: float = 1e-3) -> None:
-        """On the weights' ``.grad`` (all must exist): subtract ``alpha`` times each kernel group's mean (as
-        :func:`project_groups_`), then clip every output filter's gradient to ``clip`` times its weight's norm (as
-        :func:`adaptive_clip_`; ``None``: no clipping)."""
+        """On the ``.grad`` of every parameter (all must exist): subtract ``alpha`` times each kernel group's mean
+        (as :func:`project_groups_`), then clip every unit's gradient to ``clip`` times its size (as
+        :func:`adaptive_clip_`, with ``eps`` and, for the offsets, ``offset_eps``; ``None``: no clipping)."""
         if alpha == 0.0 and clip is None:
             return
         with torch.no_grad():
-            for section in self._sections:
-                grads = [p.grad for p in section.params]
-                torch._foreach_copy_(section.grad_views, grads)
-                if alpha != 0.0:
-                    section.project_(section.grads, alpha)
-                if clip is not None:
-                    torch._foreach_copy_(section.weight_views, section.params)
-                    limit = section.filter_norms(section.weights).clamp_(min=eps).mul_(clip)
-                    factors = limit.div_(section.filter_norms(section.grads).clamp_(min=1e-6)).clamp_(max=1.0)
-                    section.scale_filters_(section.grads, factors)
-                torch._foreach_copy_(grads, section.grad_views)
+            grads = [p.grad for p in self.members]
+            torch._foreach_copy_(self.grad_views, grads)
+            if alpha != 0.0:
+                for section in self._sections:
+                    section.project_(self.grads, alpha)
+            if clip is not None:
+                torch._foreach_copy_(self.weight_views, self.members)
+                limit = torch.maximum(self._unit_norms(self.weights, self.unit_lengths), self._eps(eps)).mul_(clip)
+                factors = limit.div_(self._unit_norms(self.grads, self.unit_lengths).clamp_(min=1e-6)).clamp_(max=1.0)
+                self.grads.mul_(torch.repeat_interleave(factors, self.unit_lengths, output_size=self.numel))
+            torch._foreach_copy_(grads, self.grad_views)
 
-    def filter_norms(self) -> list[Tensor]:
-        """The norm of every output filter, one tensor per section, in the bank's order (for :meth:`keep_norms`)."""
+    def filter_norms(self) -> Tensor:
+        """The norm of every kernel's output filter, in the buffer's order (for :meth:`keep_norms`)."""
         with torch.no_grad():
-            norms = []
-            for section in self._sections:
-                torch._foreach_copy_(section.weight_views, section.params)
-                norms.append(section.filter_norms(section.weights))
-            return norms
+            torch._foreach_copy_(self.weight_views[: len(self._kernels)], self._kernels)
+            return self._unit_norms(self.kernel_weights, self._kernel_lengths)
 
     def keep_norms(self, targets: Optional[Sequence[Tensor]] = None) -> None:
         """Make ``targets`` (default: the norms now) the filter norms :meth:`recenter_and_rescale_` restores; a
-        filter whose target is 0 is left free. ``targets`` may be per weight (``filter_norms`` of each, in the order
-        of ``params``), as the per-weight path keeps them."""
+        filter whose target is 0 is left free. ``targets`` are per kernel (``filter_norms`` of each, in the order of
+        the ``params`` given to the bank), as the per-weight path keeps them."""
         with torch.no_grad():
             if targets is None:
-                per_section = self.filter_norms()
+                target = self.filter_norms()
             else:
                 by_param = {id(p): t for p, t in zip(self.params, targets)}
-                per_section = [torch.cat([by_param[id(p)].flatten() for p in s.params]) for s in self._sections]
-            kept = []
-            for section, target in zip(self._sections, per_section):
-                target = target.to(device=section.weights.device, dtype=section.weights.dtype)
-                free = target == 0
-                kept.append((target, free if bool(free.any()) else None))
-            self._targets = kept
+                target = torch.cat([by_param[id(p)].flatten() for p in self._kernels])
+            target = target.to(device=self.weights.device, dtype=self.weights.dtype)
+            free = target == 0
+            self._targets = (target, free if bool(free.any()) else None)
 
     def recenter_and_rescale_(self, recenter: bool, rescale: bool) -> None:
-        """On the weights: re-centre every kernel group (``recenter``) and rescale every output filter back to the
+        """On the kernels: re-centre every kernel group (``recenter``) and rescale every output filter back to the
         norm :meth:`keep_norms` kept (``rescale``)."""
         if not (recenter or rescale):
             return
         if rescale and self._targets is None:
             raise MSRConfigurationError("KernelBank.recenter_and_rescale_(rescale=True) needs `keep_norms()` first.")
         with torch.no_grad():
-            for index, section in enumerate(self._sections):
-                torch._foreach_copy_(section.weight_views, section.params)
-                if recenter:
-                    section.project_(section.weights, 1.0)
-                if rescale:
-                    target, free = self._targets[index]
-                    ratio = target / section.filter_norms(section.weights).clamp_(min=torch.finfo(target.dtype).tiny)
-                    if free is not None:
-                        ratio.masked_fill_(free, 1.0)
-                    section.scale_filters_(section.weights, ratio)
-                torch._foreach_copy_(section.params, section.weight_views)
+            kernels = self.weight_views[: len(self._kernels)]
+            torch._foreach_copy_(kernels, self._kernels)
+            if recenter:
+                for section in self._sections:
+                    section.project_(self.weights, 1.0)
+            if rescale:
+                target, free = self._targets
+                norms = self._unit_norms(self.kernel_weights, self._kernel_lengths)
+                ratio = target / norms.clamp_(min=torch.finfo(target.dtype).tiny)
+                if free is not None:
+                    ratio.masked_fill_(free, 1.0)
+                self.kernel_weights.mul_(
+                    torch.repeat_interleave(ratio, self._kernel_lengths, output_size=self._kernel_numel)
+                )
+            torch._foreach_copy_(self._kernels, kernels)
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ def test_grouped_per_step_work_adds_as_many_operator_calls_whatever_the_depth():
         base = measure(name, None, size=16, batch=2, steps=1)["calls"]
         for path in ("eager", "grouped"):
             added[name, path] = measure(name, path, size=16, batch=2, steps=1)["calls"] - base
-    assert added["resnet18", "grouped"] == added["resnet34", "grouped"] < 100
+    assert added["resnet18", "grouped"] == added["resnet34", "grouped"] < 40  # a few dozen at most
     assert added["resnet34", "eager"] > 1.5 * added["resnet18", "eager"] > 3 * added["resnet18", "grouped"]
 
 

@@ -414,8 +414,24 @@ def test_kernel_bank_equals_the_per_weight_projection_and_clipping(alpha, clip):
         if clip is not None:
             adaptive_clip_([q], clip)
         expected.append(q.grad)
-    KernelBank(params, layouts).project_and_clip_(alpha, clip)
-    for p, want in zip(params, expected):
+    # parameters only clipped: a free stem, a Linear weight and a scale (relative to their size), and a bias
+    # (relative to max(|b|, 1)), as adaptive_clip_ does them one by one
+    g = torch.Generator().manual_seed(5)
+    clipped = [
+        torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64)) for s in ((4, 1, 7, 7), (3, 8), (8,))
+    ]
+    offsets = [torch.nn.Parameter(torch.randn(8, generator=g, dtype=torch.float64) * 3)]
+    for q in clipped + offsets:
+        q.grad = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    others = []
+    for q, eps in [(q, 1e-3) for q in clipped] + [(q, 1.0) for q in offsets]:
+        r = torch.nn.Parameter(q.detach().clone())
+        r.grad = q.grad.clone()
+        if clip is not None:
+            adaptive_clip_([r], clip, eps=eps)
+        others.append(r.grad)
+    KernelBank(params, layouts, clipped=clipped, offsets=offsets).project_and_clip_(alpha, clip)
+    for p, want in zip(params + clipped + offsets, expected + others):
         torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-12)
 
 
@@ -449,6 +465,8 @@ def test_kernel_bank_refuses_what_it_cannot_hold():
     w = torch.randn(8, 4, 3, 3)
     assert KernelBank.accepts(w, kernel_groups(w))
     assert not KernelBank.accepts(w, kernel_groups(w), transposed=True)
+    assert KernelBank.accepts(w, None, transposed=True, centred=False)  # a ConvTranspose's filters are clipped
+    assert "no kernel group" in KernelBank.why_not(w, None)
     assert "bfloat16" in KernelBank.why_not(w.bfloat16(), kernel_groups(w))
     assert "contiguous" in KernelBank.why_not(w.to(memory_format=torch.channels_last), kernel_groups(w))
     with pytest.raises(MSRConfigurationError, match="share one device and one dtype"):

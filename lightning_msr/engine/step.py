@@ -38,12 +38,16 @@ __all__ = ["StepWork"]
 
 
 class _Banks(NamedTuple):
-    """What one optimizer steps, for the grouped path: the banks (and whether their kernels are centred: the free
-    stem is only clipped), the kernels no bank holds, and the clipped filters no bank holds."""
+    """What one optimizer steps, for the grouped path: one bank per device and dtype (the kernels, and -- with
+    adaptive clipping -- the other clipped parameters: the free stem, Linear weights, scales and offsets), and what
+    no bank holds: kernels, clipped filters, scales and offsets, each left to the per-weight path."""
 
-    banks: list[tuple[KernelBank, bool]]
+    banks: list[KernelBank]
     rest: list[tuple[nn.Parameter, KernelGroups]]
     rest_clipped: list[nn.Parameter]
+    rest_scales: list[nn.Parameter]
+    rest_offsets: list[nn.Parameter]
+
 
 _TINY = torch.finfo(torch.float32).tiny
 # per kernel: the float32 filter norms kept, the filters that were all zero then (None if none was), and the
@@ -264,19 +268,21 @@ class StepWork:
     def _before_step_grouped(self, optimizer: torch.optim.Optimizer) -> None:
         banks = self._banks_of(optimizer)
         alpha = 0.0 if self.project_in_backward else self._alpha
-        for bank, centred in banks.banks:
-            if all(p.grad is not None for p in bank.params):
-                bank.project_and_clip_(alpha if centred else 0.0, self._adaptive_clip)
+        clip = self._adaptive_clip
+        self._project(banks.rest)  # first: a bank may clip these kernels' filters (a ConvTranspose's, say)
+        for bank in banks.banks:
+            if all(p.grad is not None for p in bank.members):
+                bank.project_and_clip_(alpha, clip)
                 continue
-            # some kernels got no gradient this step (an unused branch): the per-weight path, for this step
-            if centred:
-                self._project([(p, self.layouts[id(p)][1]) for p in bank.params])
-            if self._adaptive_clip is not None:
-                adaptive_clip_(bank.params, self._adaptive_clip)
-        self._project(banks.rest)
-        if self._adaptive_clip is not None:
-            adaptive_clip_(banks.rest_clipped, self._adaptive_clip)
-            self._clip_gains(optimizer)
+            # something got no gradient this step (an unused branch): the per-weight path, for this step
+            self._project([(p, self.layouts[id(p)][1]) for p in bank.params])
+            if clip is not None:
+                adaptive_clip_(bank.params + bank.clipped, clip)
+                adaptive_clip_(bank.offsets, clip, eps=bank.offset_eps)
+        if clip is not None:
+            adaptive_clip_(banks.rest_clipped, clip)
+            adaptive_clip_(banks.rest_scales, clip)
+            adaptive_clip_(banks.rest_offsets, clip, eps=1.0)
 
     def _make_step_pre(self, run_before_step: bool) -> Callable:
         def step_pre(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Optional[tuple]:
@@ -340,8 +346,8 @@ class StepWork:
                 bank.keep_norms([self.target_norms[id(p)][0] for p in bank.params])
             self._banks_keep_norms = False
         rest = list(banks.rest)
-        for bank, centred in banks.banks:
-            if not centred:
+        for bank in banks.banks:
+            if not bank.params:
                 continue
             if all(p.grad is not None for p in bank.params):
                 bank.recenter_and_rescale_(recenter, rescale)
@@ -423,40 +429,55 @@ class StepWork:
         return weights
 
     def _banks_of(self, optimizer: torch.optim.Optimizer) -> _Banks:
-        """The kernels (and the free stem) ``optimizer`` steps, in :class:`~lightning_msr.functional.KernelBank` s by
-        device and dtype, and what no bank can hold (ConvTranspose, channels_last, 16-bit or sharded weights).
-        Rebuilt when a param group is added."""
+        """What ``optimizer`` steps, in one :class:`~lightning_msr.functional.KernelBank` per device and dtype: the
+        kernels, and with adaptive clipping everything else it clips (the free stem, the scales and Linear weights,
+        the offsets); and what no bank can hold (ConvTranspose kernels, channels_last, 16-bit or sharded
+        parameters). Rebuilt when a param group is added."""
         key = len(optimizer.param_groups)
         cached = self._banks.get(id(optimizer))
         if cached is not None and cached[0] == key:
             return cached[1]
-        grouped: dict[tuple, tuple[list[nn.Parameter], list[KernelGroups]]] = {}
+        members: dict[tuple, tuple[list[nn.Parameter], list[KernelGroups], list[nn.Parameter], list[nn.Parameter]]]
+        members = {}
+
+        def entry(param: nn.Parameter) -> tuple:
+            return members.setdefault((param.device, param.dtype), ([], [], [], []))
+
         rest = []
         for param, layout in self._params_of(optimizer):
             if KernelBank.accepts(param, layout, self._transposed[id(param)]):
-                entry = grouped.setdefault((param.device, param.dtype, True), ([], []))
-                entry[0].append(param)
-                entry[1].append(layout)
+                entry(param)[0].append(param)
+                entry(param)[1].append(layout)
             else:
                 rest.append((param, layout))
-        rest_clipped = [p for p in self._clipped_of(optimizer) if id(p) not in self.layouts]  # the free stem
+        in_bank = {id(p) for p in (p for kernels, *_ in members.values() for p in kernels)}
+        # what adaptive clipping also acts on: the filters no bank centres (the free stem, ConvTranspose kernels),
+        # the scales and Linear weights, the offsets
+        rest_clipped: list[nn.Parameter] = []
+        rest_scales: list[nn.Parameter] = []
+        rest_offsets: list[nn.Parameter] = []
         if self._adaptive_clip is not None:
-            for param in list(rest_clipped):
-                layout = kernel_groups(param.shape)
-                if KernelBank.accepts(param, layout):
-                    entry = grouped.setdefault((param.device, param.dtype, False), ([], []))
-                    entry[0].append(param)
-                    entry[1].append(layout)
-                    rest_clipped.remove(param)
-        in_bank = {id(p) for params, _ in grouped.values() for p in params}
-        rest_clipped += [p for p in self._clipped_of(optimizer) if id(p) in self.layouts and id(p) not in in_bank]
-        banks = _Banks([(KernelBank(ps, ls), key[2]) for key, (ps, ls) in grouped.items()], rest, rest_clipped)
-        self._banks[id(optimizer)] = (len(optimizer.param_groups), banks)
+            scales, offsets = self._gains_of(optimizer)
+            filters = [p for p in self._clipped_of(optimizer) if id(p) not in in_bank]
+            placed = set(in_bank)  # a Linear weight MSR centres (`include_linear`) is clipped as a kernel, once
+            kinds = ((filters, 2, rest_clipped), (scales, 2, rest_scales), (offsets, 3, rest_offsets))
+            for params, slot, left in kinds:
+                for param in params:
+                    if id(param) in placed:
+                        continue
+                    placed.add(id(param))
+                    if KernelBank.accepts(param, None, centred=False):
+                        entry(param)[slot].append(param)
+                    else:
+                        left.append(param)
+        banks = [KernelBank(ps, ls, clipped=cs, offsets=os) for ps, ls, cs, os in members.values()]
+        found = _Banks(banks, rest, rest_clipped, rest_scales, rest_offsets)
+        self._banks[id(optimizer)] = (len(optimizer.param_groups), found)
         self._banks_keep_norms = True
-        return banks
+        return found
 
     def _all_banks(self) -> list[KernelBank]:
-        return [bank for _, banks in self._banks.values() for bank, centred in banks.banks if centred]
+        return [bank for _, banks in self._banks.values() for bank in banks.banks if bank.params]
 
     def _clip_gains(self, optimizer: torch.optim.Optimizer) -> None:
         """Adaptive clipping of what the filters' clipping leaves and can still blow up (see ``adaptive_clip``)."""
