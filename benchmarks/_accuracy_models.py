@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -494,6 +495,16 @@ def make_model(arch: str, task: Task, norm: str) -> nn.Module:
     raise ValueError(f"Expected an architecture in {ARCHS}, but got {arch!r}.")
 
 
+def choose_lr(sweep: dict[float, dict[int, float]]) -> float:
+    """The best learning rate of a sweep ``{lr: {seed: accuracy}}``, chosen on the sweep's seed alone.
+
+    The sweep's seed is the lowest one, run at every LR; later seeds run at the chosen LR only. Choosing by the mean
+    over the seeds run so far would favour an LR with one lucky seed over the one whose second seed came out lower.
+    """
+    chooser = min(min(by_seed) for by_seed in sweep.values())
+    return max((lr for lr in sweep if chooser in sweep[lr]), key=lambda lr: sweep[lr][chooser])
+
+
 # ----------------------------------------------------------------------------------------------- methods
 
 
@@ -560,6 +571,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "residual_scale": float,
     "include_stem": lambda v: _flag("include_stem", v),
     "adaptive_clip": lambda v: None if v.lower() == "none" else float(v),
+    "spherical": lambda v: _flag("spherical", v),
 }
 
 
@@ -626,6 +638,8 @@ def build(spec: MethodSpec, task: Task, seed: int, arch: str = "vgg") -> tuple[n
             kwargs["module_types"] = [NOISE_POSITIONS[spec.options["noise_position"]]]
         kwargs["seed"] = seed
         callbacks.append(lightning_msr.NoiseInjection(**kwargs))
+    if spec.options.get("spherical"):
+        callbacks.append(SphericalFilters())
     if spec.options.get("lsuv"):
         _lsuv(model, task, seed, spec.options.get("init_magnitude", 1.0), int(spec.options["lsuv"]))
     overrides = {
@@ -668,3 +682,51 @@ def has_norm_layer(model: nn.Module) -> bool:
         FilterResponseNorm2d,
     )
     return any(isinstance(m, kinds) for m in model.modules())
+
+
+
+class SphericalFilters(L.Callback):
+    """The ``spherical=1`` option: every folded-scale conv filter trained as if it were weight-normalised.
+
+    The test of issue 26's leading hypothesis, that BatchNorm's edge is the spherical motion of its scale-invariant
+    filters (Wan et al. 2021): with weight decay, a scale-invariant filter's angular step settles at
+    ``sqrt(2 * lr * wd / (1 + momentum))`` whatever the gradient's size. Here the forward pass sees each
+    :class:`~lightning_msr.nn.ScaledConv2d` filter at its norm ``r`` at the first step, while the optimizer steps a
+    virtual weight ``v = (rho / r) * w`` with the gradient a scale-invariant filter would get, ``(r / rho) *
+    P_perp(g)``: weight decay shrinks ``rho`` and the gradient grows it, as for a filter BatchNorm normalises, and no
+    minibatch statistic is used. Runs after :class:`~lightning_msr.MeanShiftRejection`'s projection and clipping
+    (list it after that callback), on any optimizer.
+    """
+
+    def __init__(self) -> None:
+        self.state: dict[int, tuple[Tensor, Tensor]] = {}  # per weight: (r, rho), one value per output filter
+        self.params: list[nn.Parameter] = []
+        self.hooked = False
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        from lightning_msr.nn.scaled_conv import is_scaled_conv
+
+        if not self.hooked:
+            self.params = [m.weight for m in pl_module.modules() if is_scaled_conv(m)]
+            for p in self.params:
+                r = p.detach().flatten(1).norm(dim=1)
+                self.state[id(p)] = (r, r.clone())
+            optimizer.register_step_post_hook(lambda *args: self._after_step())
+            self.hooked = True
+        with torch.no_grad():
+            for p in self.params:
+                if p.grad is None:
+                    continue
+                r, rho = self.state[id(p)]
+                w, g = p.flatten(1), p.grad.flatten(1)
+                radial = (g * w).sum(1, keepdim=True) / r.pow(2).unsqueeze(1)
+                g.sub_(radial * w).mul_((r / rho).unsqueeze(1))
+                w.mul_((rho / r).unsqueeze(1))  # the optimizer steps v
+
+    @torch.no_grad()
+    def _after_step(self) -> None:
+        for p in self.params:
+            r, rho = self.state[id(p)]
+            w = p.flatten(1)
+            rho.copy_(w.norm(dim=1))
+            w.mul_((r / rho).unsqueeze(1))  # the forward pass sees the direction at norm r

@@ -54,6 +54,7 @@ from _accuracy_models import (
     TASKS,
     augment_batch,
     build,
+    choose_lr,
     has_norm_layer,
     parse_method,
 )
@@ -710,26 +711,25 @@ def _run_plan(plan: list[tuple], tasks: dict, csv_path: Path, progress: bool) ->
 def best_lr_plan(plan: list[tuple], rows: list[dict], seeds: list[int]) -> list[tuple]:
     """More seeds at the best learning rate of every setting of ``plan`` whose whole LR sweep is in ``rows``.
 
-    The best LR is the one of :func:`summarize` (highest mean over the seeds run so far); a setting whose sweep
-    is not finished yet is left out (and said so), so a later call picks it up.
+    The best LR is chosen on the sweep's own seed (:func:`_accuracy_models.choose_lr`); a setting whose sweep is not
+    finished yet is left out (and said so), so a later call picks it up.
     """
     by_setting: dict[tuple, set] = {}
     for ds, arch, n, m, b, lr, _, ep in plan:
         by_setting.setdefault((ds, arch, n, m, b, ep), set()).add(lr)
-    results: dict[tuple, dict[float, list[float]]] = {}
+    results: dict[tuple, dict[float, dict[int, float]]] = {}
     for r in rows:
         k = _key(r)
         setting = (k[0], k[1], k[2], k[3], k[4], k[7])
-        if setting in by_setting:
-            results.setdefault(setting, {}).setdefault(k[5], []).append(float(r["test_acc"]))
+        if setting in by_setting:  # a configuration two sweeps both ran counts once
+            results.setdefault(setting, {}).setdefault(k[5], {}).setdefault(int(r["seed"]), float(r["test_acc"]))
     extra = []
     for setting, lrs in by_setting.items():
         swept = results.get(setting, {})
         if not lrs <= set(swept):
             print(f"best-LR seeds: the sweep of {setting} is not finished ({len(lrs & set(swept))}/{len(lrs)} LRs)")
             continue
-        most = max(len(v) for v in swept.values())
-        best = max((lr for lr, v in swept.items() if len(v) == most), key=lambda lr: sum(swept[lr]) / most)
+        best = choose_lr(swept)
         ds, arch, n, m, b, ep = setting
         extra += [(ds, arch, n, m, b, best, s, ep) for s in seeds]
     return extra

@@ -25,6 +25,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _accuracy_models import choose_lr
+
+ARCH_NAMES = {"resnet20": "ResNet-20", "vgg": "VGG (the small VGG of `--arch vgg`)"}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 ORDER = ("msr_replace_noise", "batchnorm", "groupnorm", "gn_ws", "frn")
 NAMES = {
@@ -37,28 +41,30 @@ NAMES = {
 
 
 def best_by_setting(path: Path) -> dict[tuple, dict]:
-    """``(arch, batch, method) -> {lr, mean, std, n, sweep: {lr: (mean, n)}, seconds}``, the best LR by mean."""
-    runs: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    """``(arch, batch, method) -> {lr, mean, std, n, sweep: {lr: (mean, n)}, seconds}``.
+
+    The best LR is chosen on the sweep's own seed (:func:`_accuracy_models.choose_lr`) and reported as the mean over
+    every seed run there.
+    """
+    runs: dict[tuple, dict[float, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     seconds: dict[tuple, float] = defaultdict(float)
-    seen = set()
     for row in csv.DictReader(path.open()):
         key = (row["arch"], int(row["batch_size"]), row["method"])
-        run = (*key, float(row["lr"]), row["seed"])
-        if run in seen:  # two sweeps sharing the file ran the same configuration: one seed, counted once
+        lr, seed = float(row["lr"]), int(row["seed"])
+        if seed in runs[key][lr]:  # two sweeps sharing the file ran the same configuration: counted once
             continue
-        seen.add(run)
-        runs[key][float(row["lr"])].append(100 * float(row["test_acc"]))
+        runs[key][lr][seed] = 100 * float(row["test_acc"])
         seconds[key] += float(row["seconds"])
     result = {}
     for key, sweep in runs.items():
-        best = max(sweep, key=lambda lr: statistics.mean(sweep[lr]))
-        values = sweep[best]
+        best = choose_lr(sweep)
+        values = list(sweep[best].values())
         result[key] = {
             "lr": best,
             "mean": statistics.mean(values),
             "std": statistics.stdev(values) if len(values) > 1 else None,
             "n": len(values),
-            "sweep": {lr: (statistics.mean(v), len(v)) for lr, v in sorted(sweep.items())},
+            "sweep": {lr: (statistics.mean(v.values()), len(v)) for lr, v in sorted(sweep.items())},
             "seconds": seconds[key],
         }
     return result
@@ -70,7 +76,9 @@ def _cell(entry: Optional[dict], grid: int = 0) -> str:
         return "--"
     spread = f" ± {entry['std']:.2f}" if entry["std"] is not None else ""
     partial = f", {len(entry['sweep'])} of {grid} LRs so far" if len(entry["sweep"]) < grid else ""
-    return f"{entry['mean']:.2f}{spread} (lr {entry['lr']:g}, n={entry['n']}{partial})"
+    lrs = list(entry["sweep"])
+    edge = ", at the grid's edge" if len(lrs) > 1 and entry["lr"] in (lrs[0], lrs[-1]) else ""
+    return f"{entry['mean']:.2f}{spread} (lr {entry['lr']:g}, n={entry['n']}{partial}{edge})"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -82,8 +90,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "# The long run and small batches on Fashion-MNIST",
         "",
         "Written by `python benchmarks/accuracy_summary.py` from `longrun.csv` and `smallbatch.csv`. Test accuracy "
-        "in %, each method at the best learning rate of its own sweep (the mean over the seeds run there; `n` is "
-        "that number of seeds). Learning rates are the ones used at that batch size. Protocol as in "
+        "in %, each method at the best learning rate of its own sweep (chosen on seed 0; the mean over the seeds run "
+        "there, `n` being that number of seeds). Learning rates are the ones used at that batch size. Protocol as in "
         "[accuracy](accuracy.md): SGD with momentum 0.9, weight decay 5e-4, cosine decay, random-crop augmentation.",
         "",
     ]
@@ -114,32 +122,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     small_path = args.csv_dir / "smallbatch.csv"
     if small_path.exists():
         runs = best_by_setting(small_path)
-        batches = sorted({b for _, b, _ in runs}, reverse=True)
-        lines += [
-            "## Small batches: 5 000 images, 2 epochs, ResNet-20",
-            "",
-            "`python benchmarks/accuracy.py --dataset fashion_mnist --arch resnet20 --train-size 5000 --test-size 5000 "
-            "--methods msr_replace_noise batchnorm groupnorm gn_ws frn --batch-sizes 8 4 2 --lrs 0.05 0.1 0.2 0.4 "
-            "--seeds 0 --best-lr-seeds 1 --epochs 2 --csv docs/benchmarks/smallbatch.csv` (learning rates given for "
-            "batch 32, scaled by sqrt(batch / 32)).",
-            "",
-            "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
-            "|---|" + "---|" * len(batches),
-        ]
-        grid = max(len(e["sweep"]) for e in runs.values())
-        for method in ORDER:
-            cells = [_cell(runs.get(("resnet20", b, method)), grid) for b in batches]
-            lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
-        lines += ["", "Every learning rate (mean, seeds; a diverged run counts as chance, about 10 %):", ""]
-        lines += ["| method | batch | lr: accuracy |", "|---|---|---|"]
-        for method in ORDER:
-            for b in batches:
-                entry = runs.get(("resnet20", b, method))
-                if entry is not None:
-                    sweep = ", ".join(f"{lr:g}: {m:.1f} (n={n})" for lr, (m, n) in entry["sweep"].items())
-                    lines.append(f"| {NAMES[method]} | {b} | {sweep} |")
-        total = sum(e["seconds"] for e in runs.values()) / 60
-        lines += ["", f"Wall clock of these runs: {total:.0f} min on a shared 2-core CPU."]
+        archs = [a for a in ("resnet20", "vgg") if any(key[0] == a for key in runs)]
+        for arch in archs:
+            batches = sorted({b for a, b, _ in runs if a == arch}, reverse=True)
+            lines += [
+                f"## Small batches: 5 000 images, 2 epochs, {ARCH_NAMES[arch]}",
+                "",
+                f"`python benchmarks/accuracy.py --dataset fashion_mnist --arch {arch} --train-size 5000 "
+                "--test-size 5000 --methods msr_replace_noise batchnorm groupnorm gn_ws frn --batch-sizes 8 4 2 "
+                "--lrs 0.025 0.05 0.1 0.2 0.4 --seeds 0 --best-lr-seeds 1 --epochs 2 --csv "
+                "docs/benchmarks/smallbatch.csv` (learning rates given for batch 32, scaled by sqrt(batch / 32)).",
+                "",
+                "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
+                "|---|" + "---|" * len(batches),
+            ]
+            grid = max(len(e["sweep"]) for key, e in runs.items() if key[0] == arch)
+            for method in ORDER:
+                cells = [_cell(runs.get((arch, b, method)), grid) for b in batches]
+                lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
+            lines += ["", "Every learning rate (mean, seeds; a diverged run counts as chance, about 10 %):", ""]
+            lines += ["| method | batch | lr: accuracy |", "|---|---|---|"]
+            for method in ORDER:
+                for b in batches:
+                    entry = runs.get((arch, b, method))
+                    if entry is not None:
+                        sweep = ", ".join(f"{lr:g}: {m:.1f} (n={n})" for lr, (m, n) in entry["sweep"].items())
+                        lines.append(f"| {NAMES[method]} | {b} | {sweep} |")
+            total = sum(e["seconds"] for key, e in runs.items() if key[0] == arch) / 60
+            lines += ["", f"Wall clock of these runs: {total:.0f} min on a shared 2-core CPU.", ""]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -396,6 +396,20 @@ def test_best_lr_plan_adds_seeds_at_the_best_lr_of_finished_sweeps_only():
     assert accuracy.best_lr_plan(plan, rows, [1, 2]) == [("d", "vgg", 100, "a", 32, 0.2, s, 5) for s in (1, 2)]
 
 
+def test_best_lr_is_chosen_on_the_sweep_seed_and_duplicate_rows_count_once():
+    _, accuracy = _bench_modules()
+    plan = [("d", "vgg", 100, "a", 32, lr, 0, 5) for lr in (0.1, 0.2, 0.4)]
+    runs = [(0.1, 0, 0.80), (0.2, 0, 0.78), (0.4, 0, 0.70), (0.4, 0, 0.70), (0.1, 1, 0.60)]  # 0.4 recorded twice
+    rows = [
+        dict(dataset="d", arch="vgg", n_train="100", method="a", batch_size="32", lr=str(lr), seed=str(seed))
+        | {"epochs": "5", "test_acc": str(acc)}
+        for lr, seed, acc in runs
+    ]
+    # 0.1 won the seed-0 sweep; its low second seed does not hand the choice to an LR run once, nor does the
+    # duplicated 0.4 row make that LR "the one with the most seeds"
+    assert accuracy.best_lr_plan(plan, rows, [1]) == [("d", "vgg", 100, "a", 32, 0.1, 1, 5)]
+
+
 def test_accuracy_summary_picks_each_methods_best_learning_rate(tmp_path):
     import csv as csv_module
 
@@ -408,7 +422,7 @@ def test_accuracy_summary_picks_each_methods_best_learning_rate(tmp_path):
     rows = {
         "longrun.csv": [
             ("resnet8", "batchnorm", 128, 0.1, 0, 0.92), ("resnet8", "batchnorm", 128, 0.1, 1, 0.93),
-            ("resnet8", "batchnorm", 128, 0.2, 0, 0.91),
+            ("resnet8", "batchnorm", 128, 0.2, 0, 0.91), ("resnet8", "batchnorm", 128, 0.05, 0, 0.90),
             ("resnet8", "msr_replace_noise", 128, 0.2, 0, 0.90), ("resnet8", "msr_replace_noise", 128, 0.4, 0, 0.10),
         ],
         "smallbatch.csv": [("resnet20", "groupnorm", 8, 0.05, 0, 0.70), ("resnet20", "groupnorm", 8, 0.1, 0, 0.72)],
@@ -422,6 +436,39 @@ def test_accuracy_summary_picks_each_methods_best_learning_rate(tmp_path):
     assert summary(["--csv-dir", str(tmp_path), "--out", str(out)]) == 0
     text = out.read_text()
     assert "| BatchNorm | 92.50 ± 0.71 (lr 0.1, n=2) |" in text
-    assert "| MSR defaults | 90.00 (lr 0.2, n=1) |" in text
+    assert "| MSR defaults | 90.00 (lr 0.2, n=1, at the grid's edge) |" in text  # the best LR may lie beyond
     assert "**-2.50 points**" in text
-    assert "| GroupNorm | 72.00 (lr 0.1, n=1) |" in text
+    assert "| GroupNorm | 72.00 (lr 0.1, n=1, at the grid's edge) |" in text
+
+
+def test_spherical_filters_step_a_virtual_weight_that_weight_decay_shrinks():
+    """`spherical=1`: the forward pass keeps every folded-scale filter at its norm, the optimizer steps the virtual
+    weight (its norm shrinks by `1 - lr * wd` under weight decay alone), and the gradient loses its radial part."""
+    import torch
+    from torch import nn
+
+    from lightning_msr.nn import ScaledConv2d
+
+    models, _ = _bench_modules()
+    torch.manual_seed(0)
+    model = nn.Sequential(ScaledConv2d(2, 3, 3))
+    weight = model[0].weight
+    r = weight.detach().flatten(1).norm(dim=1).clone()
+    callback = models.SphericalFilters()
+    optimizer = torch.optim.SGD([weight], lr=0.1, weight_decay=0.01)
+    # a purely radial gradient: a scale-invariant filter would get none
+    weight.grad = weight.detach().clone()
+    callback.on_before_optimizer_step(None, model, optimizer)
+    assert weight.grad.abs().max() < 1e-6
+    optimizer.step()
+    torch.testing.assert_close(weight.detach().flatten(1).norm(dim=1), r)  # the forward sees norm r
+    torch.testing.assert_close(callback.state[id(weight)][1], r * (1 - 0.1 * 0.01))  # the virtual norm shrank
+    # with rho below r the same tangential gradient moves the direction more, by r / rho per unit of gradient
+    direction = weight.detach().clone()
+    tangent = torch.randn_like(weight)
+    radial = (tangent.flatten(1) * direction.flatten(1)).sum(1) / r.pow(2)
+    tangent -= radial.view(-1, 1, 1, 1) * direction
+    weight.grad = tangent.clone()
+    callback.on_before_optimizer_step(None, model, optimizer)
+    rho = callback.state[id(weight)][1]
+    torch.testing.assert_close(weight.grad, tangent * (r / rho).view(-1, 1, 1, 1))
