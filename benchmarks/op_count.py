@@ -128,9 +128,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
     lines += [
         "",
-        "`eager` grows with the number of weights (depth); `grouped` stays flat: its per-step work is about twenty "
-        "operations per kind of kernel (3x3, 5x5, pointwise filters), plus the clipping of the 1-D gains and "
-        "biases (a constant number of `torch._foreach_*` calls) and of each `nn.Linear` (one per Linear layer). "
+        "`eager` grows with the number of weights (depth); `grouped` stays flat: one `KernelBank` buffer holds every "
+        "gradient the step projects or clips (kernels, the free stem, Linear weights, scales and biases), copied in "
+        "and out with one `torch._foreach_copy_` each; the projection is three operations per kind of kernel (3x3, "
+        "5x5, whole filters) and the clipping of every unit about fifteen segment operations over the whole buffer. "
         "The `fused` path needs no operator for the per-step work at all (its count is below 0: it also does SGD's "
         "update of the kernels, whose per-parameter calls SGD then skips), but exists on the CPU only. Step times "
         "are on a shared 2-core CPU. There the grouped step is slower than the per-weight one -- its segment "
