@@ -572,6 +572,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "include_stem": lambda v: _flag("include_stem", v),
     "adaptive_clip": lambda v: None if v.lower() == "none" else float(v),
     "spherical": lambda v: _flag("spherical", v),
+    "scale_invariant": lambda v: _flag("scale_invariant", v),
 }
 
 
@@ -617,6 +618,7 @@ def build(spec: MethodSpec, task: Task, seed: int, arch: str = "vgg") -> tuple[n
             "alpha",
             "mode",
             "keep_magnitude",
+            "scale_invariant",
             "calibrate",
             "residual_scale",
             "adaptive_clip",

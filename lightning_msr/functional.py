@@ -66,11 +66,13 @@ __all__ = [
     "adaptive_clip_",
     "eligible_weights",
     "filter_norms",
+    "from_virtual_",
     "kernel_groups",
     "mean_shift",
     "project_groups_",
     "project_mean_",
     "stem_conv",
+    "to_virtual_",
     "zero_mean_init_",
 ]
 
@@ -417,6 +419,105 @@ def filter_norms(
         return norms.expand_as(view).reshape(w.shape)
     norms = torch.linalg.vector_norm(w.flatten(1), dim=1, dtype=dtype)  # no full-size copy for bf16 weights
     return norms.view(-1, *([1] * (w.dim() - 1)))
+
+
+def _filter_dots(a: Tensor, b: Tensor, mode: Mode, transposed: bool, groups: int) -> Tensor:
+    """``<a[f], b[f]>`` for every output filter ``f``, broadcastable against ``a``, with :func:`filter_norms`'s
+    filters."""
+    if transposed and mode == "kernel" and a.dim() > 2:
+        shape = (groups, a.shape[0] // groups, a.shape[1], -1)
+        dots = (a.reshape(shape) * b.reshape(shape)).sum(dim=(1, 3), keepdim=True)
+        return dots.expand((*shape[:3], a[0, 0].numel())).reshape(a.shape)
+    return (a.flatten(1) * b.flatten(1)).sum(dim=1).view(-1, *([1] * (a.dim() - 1)))
+
+
+def to_virtual_(
+    weight: Tensor,
+    grad: Tensor,
+    norm: Tensor,
+    virtual_norm: Tensor,
+    *,
+    mode: Mode = "kernel",
+    transposed: bool = False,
+    groups: int = 1,
+) -> None:
+    r"""Turn a filter kept at ``norm`` into the virtual weight of a weight-normalised filter, in place, before a step.
+
+    A weight-normalised filter ``W = norm * v / ||v||`` is scale-invariant in ``v``: its gradient has no radial
+    part and is ``norm / ||v||`` times the gradient of ``W``'s direction. Here the weight held is ``W`` itself (at
+    ``norm``, so the forward pass needs no division) and ``virtual_norm`` is ``||v||``. This gives the optimizer
+    ``v`` and that gradient::
+
+        grad   <- (norm / virtual_norm) * (grad - <grad, W> / norm**2 * W)
+        weight <- (virtual_norm / norm) * W
+
+    After the step, :func:`from_virtual_` takes ``||v||`` and rescales the weight back to ``norm``. Filters whose
+    ``norm`` is 0 (all zero, free) are left as they are.
+
+    Args:
+        weight: a conv (or Linear) weight whose output filters have the norms ``norm``.
+        grad: its gradient.
+        norm: the filters' norms, broadcastable against ``weight`` (from :func:`filter_norms`).
+        virtual_norm: the virtual weight's norms, of the same shape.
+        mode: the filters' layout, as in :func:`filter_norms`.
+        transposed: the weight belongs to a ``ConvTransposeNd``.
+        groups: the conv's ``groups``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_msr.functional import filter_norms, from_virtual_, to_virtual_
+        >>> w, g = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
+        >>> norm = filter_norms(w)
+        >>> to_virtual_(w, g, norm, norm * 0.5)  # ||v|| is half the norm: twice the gradient, no radial part
+        >>> bool((g * w).flatten(1).sum(1).abs().max() < 1e-4), bool(torch.allclose(filter_norms(w), norm * 0.5))
+        (True, True)
+        >>> virtual = from_virtual_(w, norm)  # after the step: back to `norm`, with ||v|| returned
+        >>> bool(torch.allclose(filter_norms(w), norm)), bool(torch.allclose(virtual, norm * 0.5))
+        (True, True)
+    """
+    with torch.no_grad():
+        w, g = local_shard(weight), local_shard(grad)
+        norm, virtual_norm = norm.to(w.dtype), virtual_norm.to(w.dtype)
+        free = norm == 0
+        safe = torch.where(free, torch.ones_like(norm), norm)
+        radial = _filter_dots(g, w, mode, transposed, groups).div_(safe.square()).masked_fill_(free, 0.0)
+        g.sub_(radial * w).mul_(torch.where(free, torch.ones_like(norm), virtual_norm.reciprocal() * safe))
+        w.mul_(torch.where(free, torch.ones_like(norm), virtual_norm / safe))
+
+
+def from_virtual_(
+    weight: Tensor, norm: Tensor, *, mode: Mode = "kernel", transposed: bool = False, groups: int = 1
+) -> Tensor:
+    """After a step of the virtual weight :func:`to_virtual_` made: its filters' norms, and ``weight`` rescaled back
+    to ``norm`` in place (filters whose ``norm`` is 0 left as they are). See :func:`to_virtual_`.
+
+    Args:
+        weight: the stepped virtual weight.
+        norm: the norms to rescale the filters to, broadcastable against ``weight``.
+        mode: the filters' layout, as in :func:`filter_norms`.
+        transposed: the weight belongs to a ``ConvTransposeNd``.
+        groups: the conv's ``groups``.
+
+    Returns:
+        The virtual weight's filter norms (float32 or wider), of ``norm``'s shape: the next step's ``virtual_norm``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_msr.functional import filter_norms, from_virtual_
+        >>> w = torch.randn(3, 2, 3, 3)
+        >>> virtual = from_virtual_(w, torch.ones(3, 1, 1, 1))
+        >>> bool(torch.allclose(filter_norms(w), torch.ones(3, 1, 1, 1)))
+        True
+    """
+    with torch.no_grad():
+        virtual = filter_norms(weight, mode, transposed, groups, dtype=torch.float32)
+        free = norm == 0
+        tiny = torch.finfo(virtual.dtype).tiny
+        ratio = torch.where(free, torch.ones_like(virtual), norm.to(virtual.dtype) / virtual.clamp(min=tiny))
+        local_shard(weight).mul_(ratio.to(weight.dtype))
+        return virtual
 
 
 def zero_mean_init_(

@@ -472,3 +472,61 @@ def test_spherical_filters_step_a_virtual_weight_that_weight_decay_shrinks():
     callback.on_before_optimizer_step(None, model, optimizer)
     rho = callback.state[id(weight)][1]
     torch.testing.assert_close(weight.grad, tangent * (r / rho).view(-1, 1, 1, 1))
+
+
+def test_scale_invariant_setting_trains_as_the_spherical_option_of_the_benchmark():
+    """`MeanShiftRejection(scale_invariant=True)` is what the benchmark's `spherical=1` measured: the same weights
+    within float32 rounding after 24 steps (the stem included in both, with weight decay shrinking the norms)."""
+    import warnings
+
+    import lightning as L
+    import torch
+    from torch import nn
+
+    import lightning_msr
+
+    models, _ = _bench_modules()
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(
+                nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+            )  # fmt: skip
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9, weight_decay=0.05)
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    data = torch.utils.data.TensorDataset(x, y)
+    settings = dict(batchnorm="replace", include_stem=True, seed=0, calibration_samples=8)
+    finals = {}
+    for how in ("setting", "benchmark"):
+        module = Module()
+        if how == "setting":
+            callbacks = [lightning_msr.MeanShiftRejection(scale_invariant=True, **settings)]
+        else:
+            msr = lightning_msr.MeanShiftRejection(implementation="eager", **settings)
+            callbacks = [msr, models.SphericalFilters()]
+        trainer = L.Trainer(
+            max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=callbacks,
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+        finals[how] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        if how == "setting":
+            virtual = callbacks[0].engine.state_dict()["virtual_norms"]
+            assert set(virtual) == {"net.0.weight", "net.3.weight"}
+            assert all(float(v.max()) < 1.0 for v in virtual.values())  # weight decay shrank them from 1
+    for name, value in finals["benchmark"].items():
+        torch.testing.assert_close(finals["setting"][name], value, rtol=1e-4, atol=1e-5)

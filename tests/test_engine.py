@@ -202,6 +202,37 @@ def test_keep_magnitude_and_a_mid_calibration_resume_repeat_the_straight_run():
         assert torch.equal(model.state_dict()[name], value), name
 
 
+def test_scale_invariant_keeps_the_norms_steps_virtual_ones_and_resumes_bit_for_bit():
+    from lightning_msr.functional import filter_norms
+
+    def start():
+        torch.manual_seed(0)
+        model = bn_net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.05)
+        msr = MSREngine(model, optimizer, batchnorm="replace", scale_invariant=True, calibration_samples=4)
+        return model, optimizer, msr
+
+    data = batches(8)
+    straight, optimizer, msr = start()
+    assert not msr.fused  # the fused SGD pass does not step virtual weights
+    train(straight, optimizer, data)
+    virtual = msr.state_dict()["virtual_norms"]
+    for w in msr.weights:  # the forward pass sees every filter at its norm at fit start, 1
+        torch.testing.assert_close(filter_norms(w.parameter), torch.ones_like(filter_norms(w.parameter)))
+        assert float((virtual[w.name] - 1).abs().max()) > 1e-3  # while the virtual weights have moved
+    assert worst_shift(msr) < 1e-6
+    model, optimizer, msr = start()
+    train(model, optimizer, data[:3])
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "msr": msr.state_dict()}
+    model, optimizer, msr = start()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    msr.load_state_dict(saved["msr"])
+    train(model, optimizer, data[3:])
+    for name, value in straight.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
 def test_a_bad_optimizer_is_named():
     with pytest.raises(MSRConfigurationError, match=r"Expected `optimizers` to be a torch\.optim\.Optimizer"):
         MSREngine(bn_net(), ["sgd"], batchnorm="replace")

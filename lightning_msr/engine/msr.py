@@ -189,6 +189,7 @@ class MSREngine(MSRSettings):
         self._calibration_due = False
         self._restored_state = False
         self._restored_norms: Optional[dict[str, Tensor]] = None
+        self._restored_virtual_norms: Optional[dict[str, Tensor]] = None
         self._restored_calibration: Optional[dict[str, Any]] = None
         self._forward_handle: Optional[RemovableHandle] = None
         self._first: Optional[FirstBatch] = None
@@ -572,10 +573,11 @@ class MSREngine(MSRSettings):
 
     def _keep_norms(self) -> None:
         # a fresh draw that is calibrated has its norms taken once the calibration is complete
-        if self._keep_magnitude and not (self._first is not None and self._first.due):
-            self._work.keep_norms(self._restored_norms)
-            self._restored_norms = None
-        elif not self._keep_magnitude:
+        keeps = self._keep_magnitude or self._scale_invariant
+        if keeps and not (self._first is not None and self._first.due):
+            self._work.keep_norms(self._restored_norms, self._restored_virtual_norms)
+            self._restored_norms = self._restored_virtual_norms = None
+        elif not keeps:
             self._work.target_norms = {}
 
     def _forward_pre(self, module: nn.Module, args: Any) -> None:
@@ -623,14 +625,17 @@ class MSREngine(MSRSettings):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs: whether the weights are MSR's, the norms ``keep_magnitude`` keeps, and the
-        pooled statistics of a calibration that is still pooling."""
+        """What a resumed run needs: whether the weights are MSR's, the norms ``keep_magnitude`` (or
+        ``scale_invariant``) keeps, ``scale_invariant``'s virtual norms, and the pooled statistics of a calibration
+        that is still pooling."""
         state: dict[str, Any] = {"initialized": self._initialized, "alpha": self._alpha, "mode": self._mode}
         pooling = self._first.state_dict() if self._first is not None else None
         if pooling is not None:
             state["calibration"] = pooling
-        if self._keep_magnitude and self._work.target_norms:
+        if (self._keep_magnitude or self._scale_invariant) and self._work.target_norms:
             state["kept_norms"] = self._work.kept_norms()
+        if self._scale_invariant and self._work.virtual_norms:
+            state["virtual_norms"] = self._work.kept_virtual_norms()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -638,6 +643,7 @@ class MSREngine(MSRSettings):
         calibrated again unless the checkpoint was taken while the calibration pooled, which then goes on."""
         self._restored_state = True
         self._restored_norms = state_dict.get("kept_norms")
+        self._restored_virtual_norms = state_dict.get("virtual_norms")
         self._restored_calibration = state_dict.get("calibration") if self._calibrate else None
         self._initialized = bool(state_dict.get("initialized", self._initialized))
         self._calibration_due = False  # the weights come from a checkpoint

@@ -27,8 +27,10 @@ from lightning_msr.functional import (
     KernelWeight,
     adaptive_clip_,
     filter_norms,
+    from_virtual_,
     kernel_groups,
     project_groups_,
+    to_virtual_,
 )
 from lightning_msr.fused import FusedWeight, fused_unavailable, project_and_clip_, recenter_and_rescale_, sgd_step_
 from lightning_msr.fused import unsupported as fused_unsupported
@@ -89,6 +91,7 @@ class StepWork:
         self._mode: str = s["mode"]
         self._recenter: Optional[bool] = s["recenter"]
         self._keep_magnitude: bool = s["keep_magnitude"]
+        self._scale_invariant: bool = s["scale_invariant"]
         self._timing: str = s["projection_timing"]
         self._exclude: tuple[str, ...] = tuple(s["exclude"] or ())
         self._adaptive_clip: Optional[float] = s["adaptive_clip"]
@@ -100,7 +103,7 @@ class StepWork:
         self.layouts: dict[int, tuple[nn.Parameter, KernelGroups, str]] = {
             id(w.parameter): (
                 w.parameter,
-                kernel_groups(w.parameter, self._mode, w.transposed, w.groups, keep_magnitude=self._keep_magnitude),
+                kernel_groups(w.parameter, self._mode, w.transposed, w.groups, keep_magnitude=self._keeps_norms),
                 w.name,
             )
             for w in self.weights
@@ -110,6 +113,7 @@ class StepWork:
         self.grouped = False  # the eager math in KernelBanks: a constant number of operations per kind of kernel
         self.project_in_backward = False
         self.target_norms: KeptNorms = {}
+        self.virtual_norms: dict[int, Tensor] = {}  # `scale_invariant`: the virtual weight's filter norms
         self._recenter_optimizers: set[int] = set()
         self._fused_sgd: set[int] = set()
         self._grad_handles: dict[int, RemovableHandle] = {}
@@ -132,11 +136,13 @@ class StepWork:
         the caller knows of (e.g. the Trainer clips gradients before the step, and must see them projected)."""
         if self._timing == "backward":
             return "`projection_timing='backward'` asks for the projection in backward hooks"
+        if self._scale_invariant:
+            return "`scale_invariant=True` steps a virtual weight, which the fused SGD pass does not"
         if blocked_by:
             return blocked_by
         for w in self.weights:
             why = fused_unsupported(
-                w.parameter, transposed=w.transposed, mode=self._mode, keep_magnitude=self._keep_magnitude
+                w.parameter, transposed=w.transposed, mode=self._mode, keep_magnitude=self._keeps_norms
             )
             if why is not None:
                 return f"the fused kernel cannot take {w.name!r}: {why}"
@@ -190,11 +196,11 @@ class StepWork:
             fuse = fused and fuse_update(optimizer)
             if fuse:
                 self._fused_sgd.add(id(optimizer))
-            if run_before_step or fuse:
+            if run_before_step or fuse or self._scale_invariant:
                 self._step_handles.append(optimizer.register_step_pre_hook(self._make_step_pre(run_before_step)))
             if fuse:
                 self._step_handles.append(optimizer.register_step_post_hook(self._fused_step_post))
-            elif id(optimizer) in self._recenter_optimizers or self._keep_magnitude:
+            elif id(optimizer) in self._recenter_optimizers or self._keeps_norms:
                 self._step_handles.append(optimizer.register_step_post_hook(self._after_step))
         if self.project_in_backward:
             self._register_grad_hooks()
@@ -293,6 +299,8 @@ class StepWork:
             def work() -> None:
                 if run_before_step:
                     (self._before_step_hook or self.before_step)(optimizer)
+                if self._scale_invariant:  # after everything that reads or clips the gradients
+                    self._to_virtual(optimizer)
                 if id(optimizer) in self._fused_sgd:
                     self._fused_update(optimizer)
 
@@ -331,7 +339,7 @@ class StepWork:
             return
         recenter = id(optimizer) in self._recenter_optimizers
         params = self._params_of(optimizer)
-        if self.grouped:
+        if self.grouped and not self._scale_invariant:
             params = self._after_step_grouped(optimizer, recenter)
         self._recenter_and_rescale(params, recenter)
 
@@ -363,7 +371,12 @@ class StepWork:
                 if recenter:
                     project_groups_(param.data, layout, 1.0)
                 kept = self.target_norms.get(id(param))
-                if kept is not None:
+                if kept is not None and self._scale_invariant:
+                    target, _, transposed, groups = kept
+                    self.virtual_norms[id(param)] = from_virtual_(
+                        param.data, target, mode=self._mode, transposed=transposed, groups=groups
+                    )
+                elif kept is not None:
                     target, free, transposed, groups = kept
                     norms = filter_norms(param.data, self._mode, transposed, groups, dtype=torch.float32)
                     ratio = target / norms.clamp(min=_TINY)
@@ -371,8 +384,26 @@ class StepWork:
                         ratio.masked_fill_(free, 1.0)
                     local_shard(param.data).mul_(ratio.to(param.dtype))
 
+    def _to_virtual(self, optimizer: torch.optim.Optimizer) -> None:
+        """``scale_invariant``: the kernels ``optimizer`` is about to step become their virtual weights, their
+        gradients those of scale-invariant filters (:func:`~lightning_msr.functional.to_virtual_`)."""
+        for param, _ in self._params_of(optimizer):
+            kept = self.target_norms.get(id(param))
+            if param.grad is None or kept is None:  # frozen, or the norms are not taken yet (still calibrating)
+                continue
+            target, _, transposed, groups = kept
+            virtual = self.virtual_norms.get(id(param), target)
+            to_virtual_(param.data, param.grad, target, virtual, mode=self._mode, transposed=transposed, groups=groups)
+
+    @property
+    def _keeps_norms(self) -> bool:
+        """Whether the filter norms at fit start are kept: ``keep_magnitude``, or ``scale_invariant``'s forward."""
+        return self._keep_magnitude or self._scale_invariant
+
     # ------------------------------------------------------------------ keep_magnitude
-    def keep_norms(self, restored: Optional[dict[str, Tensor]] = None) -> None:
+    def keep_norms(
+        self, restored: Optional[dict[str, Tensor]] = None, restored_virtual: Optional[dict[str, Tensor]] = None
+    ) -> None:
         """Take the filter norms ``keep_magnitude`` keeps: measured now, or for a resumed run the ones the
         checkpoint's run kept (the weights' own norms equal those only to float32 rounding, and a resumed run must
         repeat the bits)."""
@@ -388,6 +419,12 @@ class StepWork:
                 free = target == 0
                 captured[id(w.parameter)] = (target, free if bool(free.any()) else None, w.transposed, w.groups)
         self.target_norms = captured
+        self.virtual_norms = {}
+        for w in self.weights:  # a resumed run goes on with the virtual norms the checkpoint's run had reached
+            virtual = (restored_virtual or {}).get(w.name)
+            target = captured[id(w.parameter)][0]
+            if virtual is not None and virtual.shape == target.shape and not is_sharded(w.parameter):
+                self.virtual_norms[id(w.parameter)] = virtual.to(device=target.device, dtype=target.dtype)
         self._fused_weights_of = {}  # they hold the old norms
         self._banks_keep_norms = True
 
@@ -395,6 +432,11 @@ class StepWork:
         """The norms kept, by weight name (for a checkpoint)."""
         names = {id(w.parameter): w.name for w in self.weights}
         return {names[key]: norms.detach().cpu().clone() for key, (norms, *_) in self.target_norms.items()}
+
+    def kept_virtual_norms(self) -> dict[str, Tensor]:
+        """``scale_invariant``'s virtual norms, by weight name (for a checkpoint)."""
+        names = {id(w.parameter): w.name for w in self.weights}
+        return {names[key]: norms.detach().cpu().clone() for key, norms in self.virtual_norms.items()}
 
     # ------------------------------------------------------------------ what each optimizer steps
     def _fused_weights(self, optimizer: torch.optim.Optimizer) -> list[FusedWeight]:
