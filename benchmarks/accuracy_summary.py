@@ -1,11 +1,14 @@
 """The long run and the small-batch sweep on Fashion-MNIST, summarised from their result files.
 
-Both are ``benchmarks/accuracy.py`` sweeps (resumable; the commands are in the page this writes):
+All are ``benchmarks/accuracy.py`` sweeps (resumable; the commands are in the page this writes):
 
 * ``docs/benchmarks/longrun.csv`` -- all 60 000 training images, 10 epochs, batch 128, a ResNet-8 (the ResNet-20 with
   one block per stage), BatchNorm against the MSR defaults, each method's LR swept on seed 0 and seed 1 run at the best;
 * ``docs/benchmarks/smallbatch.csv`` -- 5 000 images, 2 epochs, batch 8, 4 and 2, a ResNet-20: BatchNorm, GroupNorm,
-  GroupNorm + Weight Standardization, FRN and the MSR defaults, each at the best LR of its own sweep.
+  GroupNorm + Weight Standardization, FRN and the MSR defaults, each at the best LR of its own sweep (and the same
+  on the small VGG);
+* ``docs/benchmarks/mechanism.csv`` -- the tests of issue 26's hypotheses (scale-invariant filters, the noise, the
+  residual branches' start) against the defaults and BatchNorm, per task.
 
 Writes ``docs/benchmarks/long-run-small-batch.md``: each method at its best learning rate (mean over the seeds run
 there) and every swept learning rate, with the number of seeds, so what is missing shows.
@@ -23,7 +26,7 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _accuracy_models import choose_lr
@@ -70,6 +73,20 @@ def best_by_setting(path: Path) -> dict[tuple, dict]:
     return result
 
 
+def _methods(found: Any) -> list[str]:
+    """The methods found, the peers of :data:`ORDER` first, then variants (``msr_replace_noise[...]``) by name."""
+    found = set(found)
+    return [m for m in ORDER if m in found] + sorted(found - set(ORDER))
+
+
+def _name(method: str) -> str:
+    """The display name of a method: a peer's name, or a variant's options on the MSR defaults."""
+    if method in NAMES:
+        return NAMES[method]
+    base, _, options = method.partition("[")
+    return f"{NAMES.get(base, base)} + `{options[:-1]}`" if options else method
+
+
 def _cell(entry: Optional[dict], grid: int = 0) -> str:
     """The best LR's accuracy; ``grid``: how many LRs a finished sweep has (a shorter one is marked)."""
     if entry is None:
@@ -81,6 +98,49 @@ def _cell(entry: Optional[dict], grid: int = 0) -> str:
     return f"{entry['mean']:.2f}{spread} (lr {entry['lr']:g}, n={entry['n']}{partial}{edge})"
 
 
+def _mechanism(path: Path) -> list[str]:
+    """The hypothesis tests of issue 26: every method of ``path`` per task, at its best LR and at every LR."""
+    tasks: dict[tuple, list[dict]] = defaultdict(list)
+    for row in csv.DictReader(path.open()):
+        tasks[(row["arch"], int(row["n_train"]), int(row["epochs"]), int(row["batch_size"]))].append(row)
+    lines = [
+        "## Hypothesis tests: what closes the gap (issue 26)",
+        "",
+        "`python benchmarks/accuracy.py --dataset fashion_mnist --arch <arch> --train-size <n> --test-size 5000 "
+        "--methods <methods> --batch-sizes <batch> --lrs <grid> --seeds 0 --best-lr-seeds 1 --epochs <epochs> "
+        "--csv docs/benchmarks/mechanism.csv` (batch 128: `--lr-scaling none`, learning rates as given; below 32: "
+        "given for batch 32 and scaled by sqrt(batch / 32)). `spherical=1`: the folded-scale filters trained as "
+        "weight-normalised ones, the stem included; `scale_invariant=1`: the setting of that name (the kernels "
+        "MSR acts on: the stem excluded).",
+        "",
+    ]
+    for (arch, n, epochs, batch), rows in sorted(tasks.items(), key=lambda item: (-item[0][3], item[0][0])):
+        sweep: dict[str, dict[float, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+        for row in rows:
+            sweep[row["method"]][float(row["lr"])].setdefault(int(row["seed"]), 100 * float(row["test_acc"]))
+        lines += [
+            f"### {arch}, {n} images, {epochs} epochs, batch {batch}",
+            "",
+            "| method | at its best LR | every LR (mean, seeds) |",
+            "|---|---|---|",
+        ]
+        for method in _methods(sweep):
+            by_lr = sweep[method]
+            best = choose_lr(by_lr)
+            values = list(by_lr[best].values())
+            entry = {
+                "lr": best,
+                "mean": statistics.mean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+                "n": len(values),
+                "sweep": {lr: (statistics.mean(v.values()), len(v)) for lr, v in sorted(by_lr.items())},
+            }
+            every = ", ".join(f"{lr:g}: {m:.1f} (n={k})" for lr, (m, k) in entry["sweep"].items())
+            lines.append(f"| {_name(method)} | {_cell(entry)} | {every} |")
+        lines.append("")
+    return lines
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DOCS / "long-run-small-batch.md")
@@ -89,7 +149,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     lines = [
         "# The long run and small batches on Fashion-MNIST",
         "",
-        "Written by `python benchmarks/accuracy_summary.py` from `longrun.csv` and `smallbatch.csv`. Test accuracy "
+        "Written by `python benchmarks/accuracy_summary.py` from `longrun.csv`, `smallbatch.csv` and `mechanism.csv`. "
+        "Test accuracy "
         "in %, each method at the best learning rate of its own sweep (chosen on seed 0; the mean over the seeds run "
         "there, `n` being that number of seeds). Learning rates are the ones used at that batch size. Protocol as in "
         "[accuracy](accuracy.md): SGD with momentum 0.9, weight decay 5e-4, cosine decay, random-crop augmentation.",
@@ -109,15 +170,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             "| method | at its best LR | every LR (mean, seeds) | wall clock of its runs |",
             "|---|---|---|---|",
         ]
-        for method in ORDER:
+        for method in _methods(m for _, _, m in runs):
             entry = runs.get(("resnet8", 128, method))
             if entry is None:
                 continue
             sweep = ", ".join(f"{lr:g}: {m:.2f} (n={n})" for lr, (m, n) in entry["sweep"].items())
-            lines.append(f"| {NAMES[method]} | {_cell(entry)} | {sweep} | {entry['seconds'] / 60:.0f} min |")
-        msr, bn = runs.get(("resnet8", 128, "msr_replace_noise")), runs.get(("resnet8", 128, "batchnorm"))
-        if msr and bn:
-            lines += ["", f"MSR against BatchNorm at convergence: **{msr['mean'] - bn['mean']:+.2f} points**."]
+            lines.append(f"| {_name(method)} | {_cell(entry)} | {sweep} | {entry['seconds'] / 60:.0f} min |")
+        bn = runs.get(("resnet8", 128, "batchnorm"))
+        for method in _methods(m for _, _, m in runs):
+            msr = runs.get(("resnet8", 128, method))
+            if msr and bn and method.startswith("msr"):
+                gap = msr["mean"] - bn["mean"]
+                lines += ["", f"{_name(method)} against BatchNorm at convergence: **{gap:+.2f} points**."]
         lines.append("")
     small_path = args.csv_dir / "smallbatch.csv"
     if small_path.exists():
@@ -150,6 +214,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         lines.append(f"| {NAMES[method]} | {b} | {sweep} |")
             total = sum(e["seconds"] for key, e in runs.items() if key[0] == arch) / 60
             lines += ["", f"Wall clock of these runs: {total:.0f} min on a shared 2-core CPU.", ""]
+    mechanism_path = args.csv_dir / "mechanism.csv"
+    if mechanism_path.exists():
+        lines += _mechanism(mechanism_path)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -439,6 +439,19 @@ def test_accuracy_summary_picks_each_methods_best_learning_rate(tmp_path):
     assert "| MSR defaults | 90.00 (lr 0.2, n=1, at the grid's edge) |" in text  # the best LR may lie beyond
     assert "**-2.50 points**" in text
     assert "| GroupNorm | 72.00 (lr 0.1, n=1, at the grid's edge) |" in text
+    assert "Hypothesis tests" not in text  # no mechanism.csv: no section
+    with (tmp_path / "mechanism.csv").open("w", newline="") as fh:
+        writer = csv_module.writer(fh)
+        writer.writerow(["arch", "n_train", "epochs", "method", "batch_size", "lr", "seed", "test_acc"])
+        writer.writerows([
+            ("resnet8", 20000, 3, "msr_replace_noise[spherical=1]", 128, lr, seed, acc)
+            for lr, seed, acc in ((0.2, 0, 0.83), (0.4, 0, 0.84), (0.4, 1, 0.86), (0.8, 0, 0.81))
+        ])  # fmt: skip
+    assert summary(["--csv-dir", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "### resnet8, 20000 images, 3 epochs, batch 128" in text
+    row = "| MSR defaults + `spherical=1` | 85.00 ± 1.41 (lr 0.4, n=2) | 0.2: 83.0 (n=1), 0.4: 85.0 (n=2), 0.8: 81.0"
+    assert row in text
 
 
 def test_spherical_filters_step_a_virtual_weight_that_weight_decay_shrinks():
