@@ -78,8 +78,9 @@ class MSRSettings:
             norm at fit start (the weight stays zero-mean), so steps rotate the kernels instead of growing them.
             Filters that are all zero at fit start (zero-initialised convs with ``init="none"``) have no norm to
             keep and train freely. With ``calibrate=True`` the norms kept are the calibrated ones.
-        scale_invariant: train every kernel as a weight-normalised filter (Salimans & Kingma 2016) -- the
-            spherical motion a filter has under BatchNorm (Wan et al. 2021), without a minibatch statistic. The
+        scale_invariant: train every kernel, and the free stem (not centred), as a weight-normalised filter
+            (Salimans & Kingma 2016) -- the spherical motion a filter has under BatchNorm (Wan et al. 2021),
+            without a minibatch statistic. The
             forward pass sees each output filter at its norm at fit start (as with ``keep_magnitude``; with
             ``calibrate=True`` the calibrated one); the optimizer steps a virtual weight of a norm of its own, which
             weight decay shrinks and the gradient grows, with the gradient of a scale-invariant filter: its radial
@@ -87,9 +88,10 @@ class MSRSettings:
             (:func:`~lightning_msr.functional.to_virtual_` in the optimizer's step pre-hook, after any gradient
             clipping; :func:`~lightning_msr.functional.from_virtual_` after the step). The effective learning rate
             of the filter directions so rises as weight decay shrinks the virtual norms, as under BatchNorm.
-            Off by default: on Fashion-MNIST at batch 128 it closed a short run's gap to BatchNorm on a ResNet-8
-            (one block per stage) but not on a ResNet-20, and it was behind the defaults at batch 2-8 (figures in
-            `docs/concepts/settings.md`, "Scale-invariant filters"). The fused path does not take it; a
+            Off by default: on Fashion-MNIST at batch 128 it closed two thirds of a short run's gap to BatchNorm
+            on a ResNet-8 (one block per stage; all of it came from the stem: the kernels alone moved nothing) but
+            not on a ResNet-20, and it was behind the defaults at batch 2-8 (figures in `docs/concepts/settings.md`,
+            "Scale-invariant filters"). The fused path does not take it; a
             ``ConvTranspose`` kernel's filters are its output channels, as for ``keep_magnitude``.
         projection_timing: ``"auto"``, ``"backward"`` (project in each kernel's post-accumulate-grad hook;
             exact for ``alpha == 1`` only) or ``"optimizer_step"`` (project in ``on_before_optimizer_step``).

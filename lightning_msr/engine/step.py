@@ -342,6 +342,14 @@ class StepWork:
         if self.grouped and not self._scale_invariant:
             params = self._after_step_grouped(optimizer, recenter)
         self._recenter_and_rescale(params, recenter)
+        if self._scale_invariant and self.stem is not None:  # the free stem: not centred
+            stem = self.stem.weight
+            kept = self.target_norms.get(id(stem))
+            if kept is not None and stem.grad is not None and any(stem is p for p in self._clipped_of(optimizer)):
+                target, _, transposed, groups = kept
+                self.virtual_norms[id(stem)] = from_virtual_(
+                    stem.data, target, mode=self._mode, transposed=transposed, groups=groups
+                )
 
     def _after_step_grouped(
         self, optimizer: torch.optim.Optimizer, recenter: bool
@@ -386,8 +394,9 @@ class StepWork:
 
     def _to_virtual(self, optimizer: torch.optim.Optimizer) -> None:
         """``scale_invariant``: the kernels ``optimizer`` is about to step become their virtual weights, their
-        gradients those of scale-invariant filters (:func:`~lightning_msr.functional.to_virtual_`)."""
-        for param, _ in self._params_of(optimizer):
+        gradients those of scale-invariant filters (:func:`~lightning_msr.functional.to_virtual_`); the free stem
+        too."""
+        for param in self._clipped_of(optimizer):  # the kernels and the stem this optimizer steps
             kept = self.target_norms.get(id(param))
             if param.grad is None or kept is None:  # frozen, or the norms are not taken yet (still calibrating)
                 continue
@@ -409,33 +418,45 @@ class StepWork:
         repeat the bits)."""
         captured: KeptNorms = {}
         with torch.no_grad():
-            for w in self.weights:
-                target = filter_norms(w.parameter, self._mode, w.transposed, w.groups, dtype=torch.float32)
-                kept = (restored or {}).get(w.name)
+            for param, name, transposed, groups in self._kept_filters():
+                target = filter_norms(param, self._mode, transposed, groups, dtype=torch.float32)
+                kept = (restored or {}).get(name)
                 # a sharded weight's norms are those of this rank's rows, and the checkpoint holds rank 0's
-                if kept is not None and kept.shape == target.shape and not is_sharded(w.parameter):
+                if kept is not None and kept.shape == target.shape and not is_sharded(param):
                     target = kept.to(device=target.device, dtype=target.dtype)
                 # a filter that is all zero now has no direction to keep: it is left free (ratio 1)
                 free = target == 0
-                captured[id(w.parameter)] = (target, free if bool(free.any()) else None, w.transposed, w.groups)
+                captured[id(param)] = (target, free if bool(free.any()) else None, transposed, groups)
         self.target_norms = captured
         self.virtual_norms = {}
-        for w in self.weights:  # a resumed run goes on with the virtual norms the checkpoint's run had reached
-            virtual = (restored_virtual or {}).get(w.name)
-            target = captured[id(w.parameter)][0]
-            if virtual is not None and virtual.shape == target.shape and not is_sharded(w.parameter):
-                self.virtual_norms[id(w.parameter)] = virtual.to(device=target.device, dtype=target.dtype)
+        for param, name, *_ in self._kept_filters():  # a resumed run goes on with the virtual norms it had reached
+            virtual = (restored_virtual or {}).get(name)
+            target = captured[id(param)][0]
+            if virtual is not None and virtual.shape == target.shape and not is_sharded(param):
+                self.virtual_norms[id(param)] = virtual.to(device=target.device, dtype=target.dtype)
         self._fused_weights_of = {}  # they hold the old norms
         self._banks_keep_norms = True
 
+    def _kept_filters(self) -> list[tuple[nn.Parameter, str, bool, int]]:
+        """The weights whose filter norms are kept, with their names and layouts: the kernels, and with
+        ``scale_invariant`` the free stem (scale-invariant too, but not centred)."""
+        kept = [(w.parameter, w.name, w.transposed, w.groups) for w in self.weights]
+        model = self._model_ref()
+        if self._scale_invariant and self.stem is not None and model is not None:
+            names = {id(p): n for n, p in model.named_parameters()}
+            stem = self.stem
+            transposed = isinstance(stem, nn.modules.conv._ConvTransposeNd)
+            kept.append((stem.weight, names.get(id(stem.weight), "stem.weight"), transposed, stem.groups))
+        return kept
+
     def kept_norms(self) -> dict[str, Tensor]:
         """The norms kept, by weight name (for a checkpoint)."""
-        names = {id(w.parameter): w.name for w in self.weights}
+        names = {id(param): name for param, name, *_ in self._kept_filters()}
         return {names[key]: norms.detach().cpu().clone() for key, (norms, *_) in self.target_norms.items()}
 
     def kept_virtual_norms(self) -> dict[str, Tensor]:
         """``scale_invariant``'s virtual norms, by weight name (for a checkpoint)."""
-        names = {id(w.parameter): w.name for w in self.weights}
+        names = {id(param): name for param, name, *_ in self._kept_filters()}
         return {names[key]: norms.detach().cpu().clone() for key, norms in self.virtual_norms.items()}
 
     # ------------------------------------------------------------------ what each optimizer steps
