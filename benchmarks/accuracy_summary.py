@@ -40,6 +40,7 @@ NAMES = {
     "groupnorm": "GroupNorm",
     "gn_ws": "GroupNorm + WS",
     "frn": "FRN",
+    "msr_replace": "MSR defaults without `NoiseInjection`",
 }
 
 
@@ -109,9 +110,10 @@ def _mechanism(path: Path) -> list[str]:
         "`python benchmarks/accuracy.py --dataset fashion_mnist --arch <arch> --train-size <n> --test-size 5000 "
         "--methods <methods> --batch-sizes <batch> --lrs <grid> --seeds 0 --best-lr-seeds 1 --epochs <epochs> "
         "--csv docs/benchmarks/mechanism.csv` (batch 128: `--lr-scaling none`, learning rates as given; below 32: "
-        "given for batch 32 and scaled by sqrt(batch / 32)). `spherical=1`: the folded-scale filters trained as "
-        "weight-normalised ones, the stem included; `scale_invariant=1`: the setting of that name (the kernels "
-        "MSR acts on: the stem excluded).",
+        "given for batch 32 and scaled by sqrt(batch / 32)). `spherical=1`: every folded-scale filter, the free "
+        "stem's too, trained as a weight-normalised one (the benchmark's own implementation, which trains the same "
+        "weights as `MeanShiftRejection(scale_invariant=True)`); `residual_scale`: the calibrated scale of the "
+        "residual branches' last layers.",
         "",
     ]
     for (arch, n, epochs, batch), rows in sorted(tasks.items(), key=lambda item: (-item[0][3], item[0][0])):
@@ -195,7 +197,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"`python benchmarks/accuracy.py --dataset fashion_mnist --arch {arch} --train-size 5000 "
                 "--test-size 5000 --methods msr_replace_noise batchnorm groupnorm gn_ws frn --batch-sizes 8 4 2 "
                 "--lrs 0.025 0.05 0.1 0.2 0.4 --seeds 0 --best-lr-seeds 1 --epochs 2 --csv "
-                "docs/benchmarks/smallbatch.csv` (learning rates given for batch 32, scaled by sqrt(batch / 32)).",
+                "docs/benchmarks/smallbatch.csv` (learning rates given for batch 32, scaled by sqrt(batch / 32); "
+                "BatchNorm and GroupNorm + WS, whose best LRs sat at the grid's low edge, also at 0.0125).",
                 "",
                 "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
                 "|---|" + "---|" * len(batches),

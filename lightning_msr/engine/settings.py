@@ -90,8 +90,8 @@ class MSRSettings:
             of the filter directions so rises as weight decay shrinks the virtual norms, as under BatchNorm.
             Off by default: on Fashion-MNIST at batch 128 it closed two thirds of a short run's gap to BatchNorm
             on a ResNet-8 (one block per stage; all of it came from the stem: the kernels alone moved nothing) but
-            not on a ResNet-20, and it was behind the defaults at batch 2-8 (figures in `docs/concepts/settings.md`,
-            "Scale-invariant filters"). The fused path does not take it; a
+            not on a ResNet-20 nor at convergence (10 epochs), and it was behind the defaults at batch 2-8 (figures
+            in `docs/concepts/settings.md`, "Scale-invariant filters"). The fused path does not take it; a
             ``ConvTranspose`` kernel's filters are its output channels, as for ``keep_magnitude``.
         projection_timing: ``"auto"``, ``"backward"`` (project in each kernel's post-accumulate-grad hook;
             exact for ``alpha == 1`` only) or ``"optimizer_step"`` (project in ``on_before_optimizer_step``).
