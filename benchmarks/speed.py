@@ -11,6 +11,8 @@ trained by a Lightning ``Trainer`` with SGD. Each method is the same network plu
 * ``msr_noise`` -- ``msr`` plus ``NoiseInjection()``;
 * ``agc`` -- ``DeepControl()``: the gain folded into the conv, ``AutomaticGainControl`` (beta, bias) after it;
 * ``agc_unfolded`` -- ``DeepControl(fold_gain=False)``: the gain inside the gain control;
+* ``folded`` -- ``replace_batchnorm(model, "fold")`` alone: MSR's model without MSR's per-step work, so that the
+  cost of ``msr`` over the floor splits into the model's (``folded / no_norm``) and the callback's (``msr / folded``);
 * ``no_norm`` -- every BatchNorm replaced by ``nn.Identity`` (the floor: BatchNorm deleted, no scale at all).
 
 All methods of a model run in one process, alternating in rounds (``--rounds``), so that load changes on a shared
@@ -58,7 +60,9 @@ import lightning_msr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _accuracy_models import swap_batchnorm
 
-METHODS = ("batchnorm", "msr", "msr_affine", "msr_noise", "agc", "agc_unfolded", "no_norm", "groupnorm", "frn")
+METHODS = (
+    "batchnorm", "msr", "msr_affine", "msr_noise", "agc", "agc_unfolded", "folded", "no_norm", "groupnorm", "frn",
+)  # fmt: skip
 MODELS = ("resnet18", "mobilenet_v2")
 FIELDS = [
     "model",
@@ -82,6 +86,8 @@ WHAT = {
     "agc": "the gain folded into the conv, then `AutomaticGainControl` without gain (a scaled per-sample spatial "
     "mean subtraction and a bias), which saves only its map means",
     "agc_unfolded": "`AutomaticGainControl` with its gain, which needs the conv output for the gain's gradient",
+    "folded": "MSR's model without MSR: `replace_batchnorm(model, \"fold\")` alone (the folded scale and the "
+    "bias, no per-step work)",
     "no_norm": "nothing at all (`nn.Identity`): the floor, BatchNorm deleted without a replacement",
     "groupnorm": "`nn.GroupNorm` (up to 32 groups) in place of every BatchNorm: per-sample statistics, the peer "
     "small-batch users pick",
@@ -107,8 +113,8 @@ def callbacks_for(method: str) -> list:
     """The plugin callbacks of a method."""
     if method == "batchnorm":
         return []
-    if method == "no_norm":
-        return [_ReplaceBatchNorm("identity")]
+    if method in ("no_norm", "folded"):
+        return [_ReplaceBatchNorm("identity" if method == "no_norm" else "fold")]
     if method in ("groupnorm", "frn"):
         return [_ReplaceBatchNorm("gn" if method == "groupnorm" else "frn")]
     if method in ("agc", "agc_unfolded"):
@@ -429,6 +435,13 @@ def write_outputs(rows: list[dict], budget_rows: list[dict], args: argparse.Name
                 f"{r['saved_bytes'] / 2**20:.2f} | {r['saved_ratio']:.3f} |"
             )
         lines.append("")
+        ms = {r["method"]: r["step_ms"] for r in rows if r["model"] == model}
+        if {"msr", "folded", "no_norm"} <= set(ms):
+            lines += [
+                f"MSR over the floor: **{ms['msr'] / ms['no_norm']:.2f}x** = the model (folded scales and biases) "
+                f"{ms['folded'] / ms['no_norm']:.2f}x × the callback's per-step work {ms['msr'] / ms['folded']:.2f}x.",
+                "",
+            ]
     lines += ["What each method puts after every conv:", ""]
     lines += [f"- `{m}`: {WHAT[m]};" for m in methods]
     lines += [

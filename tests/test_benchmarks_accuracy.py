@@ -87,16 +87,19 @@ def test_accuracy_rejects_unknown_method(tmp_path):
 
 
 def test_speed_tiny_writes_ratios(tmp_path):
-    _run("speed.py", "--tiny", "--out", str(tmp_path), "--methods", "batchnorm", "msr")
+    _run("speed.py", "--tiny", "--out", str(tmp_path), "--methods", "batchnorm", "msr", "folded", "no_norm")
     rows = {r["method"]: r for r in _rows(tmp_path / "speed.csv")}
-    assert set(rows) == {"batchnorm", "msr"}
+    assert set(rows) == {"batchnorm", "msr", "folded", "no_norm"}
+    # `folded` is MSR's model without the callback: the same saved activations, and the floor's too
+    assert rows["folded"]["saved_bytes"] == rows["msr"]["saved_bytes"] == rows["no_norm"]["saved_bytes"]
     assert float(rows["batchnorm"]["step_ratio"]) == pytest.approx(1.0)
     assert float(rows["batchnorm"]["saved_ratio"]) == pytest.approx(1.0)
     for r in rows.values():
         assert float(r["step_ms"]) > 0 and int(r["saved_bytes"]) > 0
     # MSR swaps BatchNorm for a per-channel affine: it must not save more activations than BatchNorm
     assert int(rows["msr"]["saved_bytes"]) <= int(rows["batchnorm"]["saved_bytes"])
-    assert (tmp_path / "speed.md").read_text().count("| `") == 2
+    report = (tmp_path / "speed.md").read_text()
+    assert report.count("| `") == 4 and "MSR over the floor: **" in report
     assert (tmp_path / "speed.png").stat().st_size > 0
 
 
