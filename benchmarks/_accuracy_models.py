@@ -573,6 +573,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "adaptive_clip": lambda v: None if v.lower() == "none" else float(v),
     "spherical": lambda v: _flag("spherical", v),
     "scale_invariant": lambda v: _flag("scale_invariant", v),
+    "deep_control": lambda v: _flag("deep_control", v),
 }
 
 
@@ -612,6 +613,10 @@ def build(spec: MethodSpec, task: Task, seed: int, arch: str = "vgg") -> tuple[n
     torch.manual_seed(seed)
     model = make_model(arch, task, norm)
     callbacks: list = []
+    if spec.options.get("deep_control"):  # the user's path: DeepControl() first, on the BatchNorm network
+        if norm != "bn":
+            raise ValueError(f"Expected `deep_control=1` on a BatchNorm network (norm=bn), but got {spec.text!r}.")
+        callbacks.append(lightning_msr.DeepControl())
     if msr:
         names = (
             "init_magnitude",

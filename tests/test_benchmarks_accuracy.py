@@ -387,6 +387,37 @@ def test_unit_clip_and_the_calibration_options_reach_the_run():
     assert torch.equal(head.weight.grad, torch.full_like(head.weight, 100.0))
 
 
+def test_deep_control_option_trains_the_users_path_deep_control_then_msr():
+    """`deep_control=1`: `DeepControl()` goes first, on the BatchNorm network, so the trained network has Deep
+    Control's gain controls where BatchNorm was and MSR's folded scales; anything but a BatchNorm network refuses."""
+    import lightning as L
+    import torch
+
+    models, accuracy = _bench_modules()
+    from lightning_msr import DeepControl, MeanShiftRejection, NoiseInjection
+    from lightning_msr.nn import AutomaticGainControl
+
+    task = models.load_digits_task(max_train=32)
+    model, callbacks, _ = models.build(models.parse_method("msr_replace_noise[deep_control=1]"), task, seed=0)
+    assert [type(c) for c in callbacks] == [DeepControl, MeanShiftRejection, NoiseInjection]
+    batchnorms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert batchnorms > 0
+    module = accuracy.Classifier(model, lr=0.05, total_steps=2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(task.x_train, task.y_train), batch_size=16)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, callbacks=callbacks, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, loader)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, AutomaticGainControl) for m in model.modules()) == batchnorms
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError, match="deep_control=1` on a BatchNorm network"):
+        models.build(models.parse_method("msr[deep_control=1]"), task, seed=0)
+    with pytest.raises(ValueError, match="deep_control"):
+        models.parse_method("msr_replace_noise[deep_control=maybe]")
+
+
 def test_best_lr_plan_adds_seeds_at_the_best_lr_of_finished_sweeps_only():
     _, accuracy = _bench_modules()
     plan = [("d", "vgg", 100, m, 32, lr, 0, 5) for m in ("a", "b") for lr in (0.1, 0.2, 0.4)]
