@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -199,13 +201,20 @@ def prepare_fashion_mnist_root(source: Path, cache_dir: Path) -> Path:
         target = raw / name
         if target.exists():
             continue
-        tmp = raw / f".{name}.partial"
-        if (source / name).exists():
-            shutil.copyfile(source / name, tmp)
-        else:
-            with gzip.open(source / f"{name}.gz", "rb") as src, tmp.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-        tmp.replace(target)  # never leave a half-written file where torchvision looks
+        # a file of its own: two sweeps started together unpack side by side, and the last rename wins
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=raw)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as dst:
+                if (source / name).exists():
+                    with (source / name).open("rb") as src:
+                        shutil.copyfileobj(src, dst)
+                else:
+                    with gzip.open(source / f"{name}.gz", "rb") as src:
+                        shutil.copyfileobj(src, dst)
+            tmp.replace(target)  # never leave a half-written file where torchvision looks
+        finally:
+            tmp.unlink(missing_ok=True)
     return cache_dir
 
 

@@ -219,6 +219,37 @@ def test_fashion_mnist_loader_reads_the_idx_files_through_torchvision(tmp_path):
     assert not (tmp_path / "unused").exists()
 
 
+def test_fashion_mnist_cache_is_prepared_by_sweeps_started_together(tmp_path):
+    """Two sweeps started at once unpack the same files into the cache: each writes a file of its own and renames
+    it, so both succeed (one shared temporary name failed the second with FileNotFoundError) and no partial file is
+    left behind."""
+    import subprocess
+    import time
+
+    _tiny_fashion_mnist(tmp_path / "package", n_train=400)
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    # every process waits for `go` after its imports, and each copy takes a while: the unpacking overlaps
+    code = (
+        "import sys, time, shutil; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "import _accuracy_models as m; copy = shutil.copyfileobj; "
+        "shutil.copyfileobj = lambda *a, **k: (time.sleep(0.3), copy(*a, **k)); "
+        "Path(sys.argv[4] + '.' + sys.argv[5]).touch()\n"
+        "while not Path(sys.argv[4]).exists(): time.sleep(0.01)\n"
+        "m.prepare_fashion_mnist_root(Path(sys.argv[2]), Path(sys.argv[3]))"
+    )
+    args = [str(BENCH), str(tmp_path / "package"), str(cache), str(go)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, *args, str(i)]) for i in range(4)]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"go.{i}").exists() for i in range(4)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    assert [p.wait(timeout=300) for p in procs] == [0] * 4
+    models, _ = _bench_modules()
+    raw = cache / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(models.FASHION_MNIST_FILES)
+    assert models.load_fashion_mnist_task(data_dir=cache, cache_dir=tmp_path / "unused").x_train.shape[0] == 400
+
+
 def test_fashion_mnist_missing_data_says_both_ways_to_get_it(tmp_path, monkeypatch):
     models, _ = _bench_modules()
     monkeypatch.setattr(models, "FASHION_MNIST_PACKAGE_DIR", tmp_path / "not-installed")
