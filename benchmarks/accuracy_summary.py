@@ -41,6 +41,7 @@ NAMES = {
     "gn_ws": "GroupNorm + WS",
     "frn": "FRN",
     "msr_replace": "MSR defaults without `NoiseInjection`",
+    "msr_agc_noise": "MSR + noise + Deep Control (`AutomaticGainControl` after every conv, built in)",
 }
 
 
@@ -113,7 +114,9 @@ def _mechanism(path: Path) -> list[str]:
         "given for batch 32 and scaled by sqrt(batch / 32)). `spherical=1`: every folded-scale filter, the free "
         "stem's too, trained as a weight-normalised one (the benchmark's own implementation, which trains the same "
         "weights as `MeanShiftRejection(scale_invariant=True)`); `residual_scale`: the calibrated scale of the "
-        "residual branches' last layers.",
+        "residual branches' last layers; `deep_control=1`: `DeepControl()` before `MeanShiftRejection` on the "
+        "BatchNorm network, the user's path to the gain control the Deep Control row builds in; `adaptive_clip`: "
+        "the clip's bound (default 0.1). Below 32 the peers' rows are those of the small-batch sweep above.",
         "",
     ]
     for (arch, n, epochs, batch), rows in sorted(tasks.items(), key=lambda item: (-item[0][3], item[0][0])):
