@@ -52,6 +52,59 @@ def test_equals_the_plain_conv_followed_by_a_channel_affine(cls, plain, shape, p
         torch.testing.assert_close(a, b)
 
 
+def _scale_then_shift(y, scale, bias):
+    """``scale[c] * y[:, c] + bias[c]`` by plain autograd (the reference for the scaled convs)."""
+    view = (1, -1) + (1,) * (y.dim() - 2)
+    return y * scale.view(view) + (0 if bias is None else bias.view(view))
+
+
+@pytest.mark.parametrize("scale_output", [True, False], ids=["output-scaled", "weight-scaled"])
+@pytest.mark.parametrize(
+    ("cls", "plain", "shape"),
+    [
+        (ScaledConv1d, nn.Conv1d, (2, 4, 9)),
+        (ScaledConv2d, nn.Conv2d, (2, 4, 7, 6)),
+        (ScaledConv3d, nn.Conv3d, (1, 4, 4, 5, 3)),
+    ],
+    ids=["1d", "2d", "3d"],
+)
+def test_both_ways_of_applying_the_scale_give_the_same_function_and_gradients(
+    monkeypatch, scale_output, cls, plain, shape
+):
+    """The scale multiplies the weight, or (where the output is smaller) the output and the incoming gradient: the
+    same values and gradients either way, with and without a bias, and with an input that needs no gradient."""
+    from lightning_msr.nn import scaled_conv as module
+
+    monkeypatch.setattr(module, "_output_is_smaller", lambda *args: scale_output)
+    torch.manual_seed(0)
+    for bias in (True, False):
+        scaled = cls(4, 6, 3, stride=2, padding=1, groups=2, bias=bias).double()
+        with torch.no_grad():
+            scaled.scale.uniform_(-2.0, 2.0)
+            scaled.scale[0] = 0.0  # a scale of 0 has a gradient too
+        conv = plain(4, 6, 3, stride=2, padding=1, groups=2, bias=False).double()
+        conv.weight = scaled.weight
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        torch.testing.assert_close(scaled(x), _scale_then_shift(conv(x), scaled.scale, scaled.bias))
+        assert torch.autograd.gradcheck(scaled, (x,))
+        params = [p for p in (scaled.weight, scaled.scale, scaled.bias) if p is not None]
+        for inputs in ((x, *params), params):  # the stem's case: no gradient for the input
+            grads = torch.autograd.grad(scaled(x).square().sum(), inputs)
+            expected = torch.autograd.grad(_scale_then_shift(conv(x), scaled.scale, scaled.bias).square().sum(), inputs)
+            for a, b in zip(grads, expected):
+                torch.testing.assert_close(a, b)
+
+
+def test_the_scale_goes_where_the_tensor_is_smaller():
+    from lightning_msr.nn.scaled_conv import _output_is_smaller
+
+    weight = torch.empty(512, 512, 3, 3)  # ResNet-18's last stage at 64x64: a 2x2 output map
+    assert _output_is_smaller(torch.empty(32, 512, 2, 2), weight, (1, 1), (1, 1), (1, 1))
+    assert not _output_is_smaller(torch.empty(32, 512, 56, 56), weight, (1, 1), (1, 1), (1, 1))
+    depthwise = torch.empty(96, 1, 3, 3)  # MobileNetV2: nine weights a channel
+    assert not _output_is_smaller(torch.empty(32, 96, 16, 16), depthwise, (2, 2), (1, 1), (1, 1))
+
+
 def test_functional_gradcheck_without_bias_and_with_string_padding():
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
