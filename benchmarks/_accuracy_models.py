@@ -583,6 +583,8 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "spherical": lambda v: _flag("spherical", v),
     "scale_invariant": lambda v: _flag("scale_invariant", v),
     "deep_control": lambda v: _flag("deep_control", v),
+    "gain_reparam": lambda v: _flag("gain_reparam", v),
+    "keep_bn": lambda v: _flag("keep_bn", v),
 }
 
 
@@ -642,6 +644,10 @@ def build(spec: MethodSpec, task: Task, seed: int, arch: str = "vgg") -> tuple[n
         if "msr_exclude" in spec.options:  # e.g. "model.0" keeps the first conv free to see the input's mean
             kwargs["exclude"] = spec.options["msr_exclude"].split("|")
         batchnorm = "replace" if norm == "bn" else "error"
+        if spec.options.get("keep_bn"):  # BatchNorm kept, its convs' kernels held zero-mean: the constraint alone
+            batchnorm = "warn"
+            kwargs.setdefault("calibrate", False)
+            kwargs.setdefault("adaptive_clip", None)
         callbacks.append(lightning_msr.MeanShiftRejection(seed=seed, batchnorm=batchnorm, **kwargs))
     if noise:
         kwargs: dict[str, Any] = {}
@@ -656,6 +662,8 @@ def build(spec: MethodSpec, task: Task, seed: int, arch: str = "vgg") -> tuple[n
         callbacks.append(lightning_msr.NoiseInjection(**kwargs))
     if spec.options.get("spherical"):
         callbacks.append(SphericalFilters())
+    if spec.options.get("gain_reparam"):
+        callbacks.append(CalibratedGains())
     if spec.options.get("lsuv"):
         _lsuv(model, task, seed, spec.options.get("init_magnitude", 1.0), int(spec.options["lsuv"]))
     overrides = {
@@ -746,3 +754,46 @@ class SphericalFilters(L.Callback):
             w = p.flatten(1)
             rho.copy_(w.norm(dim=1))
             w.mul_((r / rho).unsqueeze(1))  # the forward pass sees the direction at norm r
+
+
+class CalibratedGains(L.Callback):
+    """The ``gain_reparam=1`` option: every folded scale trained as BatchNorm trains its gamma.
+
+    Calibration sets each folded scale to ``s0 = target / std(conv(x, w))``, which is not 1 (0.4-4.3 on the
+    Fashion-MNIST networks). A learned ``s`` then gets ``1 / s0`` of the gradient BatchNorm's gamma would get and
+    ``1 / s0**2`` of its relative step, and weight decay pulls it to an equilibrium ``s0**2`` times smaller. Here,
+    once the calibration is complete, ``s0`` becomes a fixed per-filter factor (a buffer) and the optimizer trains
+    ``gamma = s / s0`` (1 at the start, as BatchNorm's), its momentum converted to the new units. List it after
+    :class:`~lightning_msr.MeanShiftRejection`.
+    """
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        import types
+
+        from lightning_msr.nn.scaled_conv import is_scaled_conv, scaled_conv
+
+        msr = next(cb for cb in trainer.callbacks if type(cb).__name__ == "MeanShiftRejection")
+        report = msr.engine.calibration if msr.engine is not None else None
+        if self.done or report is None or not report.complete:
+            return
+
+        def forward(self: Any, x: Tensor) -> Tensor:
+            options = {k: getattr(self, k) for k in ("stride", "padding", "dilation", "groups", "padding_mode")}
+            return scaled_conv(x, self.weight, self.scale * self.gain0, self.bias, **options)
+
+        optimizer = trainer.optimizers[0]
+        with torch.no_grad():
+            for m in pl_module.modules():
+                if not is_scaled_conv(m):
+                    continue
+                s0 = m.scale.abs().clamp_min(1e-12)
+                m.register_buffer("gain0", s0.clone())
+                m.scale.div_(s0)
+                momentum = optimizer.state.get(m.scale, {}).get("momentum_buffer")
+                if momentum is not None:  # a gradient in gamma's units is s0 times the one in s's
+                    momentum.mul_(s0)
+                m.forward = types.MethodType(forward, m)
+        self.done = True

@@ -86,6 +86,9 @@ def _name(method: str) -> str:
     if method in NAMES:
         return NAMES[method]
     base, _, options = method.partition("[")
+    if "keep_bn=1" in options:  # BatchNorm kept: MSR's zero-mean constraint is the only change
+        rest = ",".join(o for o in options[:-1].split(",") if o != "keep_bn=1")
+        return "BatchNorm + zero-mean kernels (`keep_bn=1`" + (f", `{rest}`)" if rest else ")")
     return f"{NAMES.get(base, base)} + `{options[:-1]}`" if options else method
 
 
@@ -116,7 +119,12 @@ def _mechanism(path: Path) -> list[str]:
         "weights as `MeanShiftRejection(scale_invariant=True)`); `residual_scale`: the calibrated scale of the "
         "residual branches' last layers; `deep_control=1`: `DeepControl()` before `MeanShiftRejection` on the "
         "BatchNorm network, the user's path to the gain control the Deep Control row builds in; `adaptive_clip`: "
-        "the clip's bound (default 0.1). Below 32 the peers' rows are those of the small-batch sweep above.",
+        "the clip's bound (default 0.1); `gain_reparam=1`: every folded scale trained as BatchNorm's gamma, a "
+        "trained factor starting at 1 on top of the calibrated scale; `keep_bn=1`: the BatchNorm network kept, "
+        "with MSR's zero-mean kernels (the stem free) and nothing else (`calibrate=False, adaptive_clip=None`); "
+        "`mode=filter`: the mean over each whole filter (Gradient Centralization) instead of each kernel; "
+        "`alpha=0`: no projection (the kernels drawn zero-mean, then free); `msr_exclude=<classifier>`: the "
+        "classifier not clipped. Below 32 the peers' rows are those of the small-batch sweep above.",
         "",
     ]
     for (arch, n, epochs, batch), rows in sorted(tasks.items(), key=lambda item: (-item[0][3], item[0][0])):

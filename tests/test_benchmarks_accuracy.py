@@ -609,3 +609,54 @@ def test_scale_invariant_setting_trains_as_the_spherical_option_of_the_benchmark
             assert all(float(v.max()) < 1.0 for v in virtual.values())  # weight decay shrank them from 1
     for name, value in finals["benchmark"].items():
         torch.testing.assert_close(finals["setting"][name], value, rtol=1e-4, atol=1e-5)
+
+
+def _fit_two_steps(models, accuracy, spec: str, lr: float):
+    import lightning as L
+    import torch
+
+    task = models.load_digits_task(max_train=128)
+    model, callbacks, _ = models.build(models.parse_method(spec), task, seed=0)
+    module = accuracy.Classifier(model, lr=lr, total_steps=2, momentum=0.0, weight_decay=0.0)
+    # the calibration pools 64 samples: the first batch, so the second step starts calibrated
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(task.x_train, task.y_train), batch_size=64)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, callbacks=callbacks, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, loader)
+    return model, callbacks
+
+
+def test_gain_reparam_option_trains_gamma_on_top_of_the_calibrated_scale():
+    """`gain_reparam=1`: once calibrated, every folded scale is split into a fixed factor (the calibrated scale)
+    times a trained gamma that starts at +-1, computing the same function as the plain calibrated network."""
+    import torch
+
+    models, accuracy = _bench_modules()
+    from lightning_msr.nn.scaled_conv import is_scaled_conv
+
+    plain, _ = _fit_two_steps(models, accuracy, "msr_replace", lr=0.0)
+    split, callbacks = _fit_two_steps(models, accuracy, "msr_replace[gain_reparam=1]", lr=0.0)
+    assert type(callbacks[-1]).__name__ == "CalibratedGains" and callbacks[-1].done
+    pairs = [(a, b) for a, b in zip(plain.modules(), split.modules()) if is_scaled_conv(a)]
+    assert pairs
+    for a, b in pairs:
+        torch.testing.assert_close(b.scale.abs(), torch.ones_like(b.scale))
+        torch.testing.assert_close(b.scale * b.gain0, a.scale)
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(split.eval()(x), plain.eval()(x))
+
+
+def test_keep_bn_option_holds_the_kernels_of_a_batchnorm_network_zero_mean():
+    """`keep_bn=1`: the BatchNorm network keeps its BatchNorm, and MSR's zero-mean constraint is the only change."""
+    import torch
+
+    models, accuracy = _bench_modules()
+    from lightning_msr.functional import mean_shift
+
+    model, (msr,) = _fit_two_steps(models, accuracy, "msr_replace[keep_bn=1]", lr=0.1)
+    assert "calibrate=False" in repr(msr) and "adaptive_clip=None" in repr(msr)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(float(mean_shift(c.weight)) < 1e-5 for c in convs[1:])  # the stem stays free
