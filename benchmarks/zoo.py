@@ -65,13 +65,27 @@ FIELDS = [
 _SIZES = (64, 96, 128, 224)
 
 
-def recipe_callbacks(recipe: str) -> list[L.Callback]:
-    """The callbacks of one adoption, at their defaults."""
+def recipe_callbacks(recipe: str, msr_options: Optional[dict[str, Any]] = None) -> list[L.Callback]:
+    """The callbacks of one adoption, at their defaults (``msr_options``: arguments for ``MeanShiftRejection``)."""
+    options = msr_options or {}
     if recipe == "msr_replace_noise":
-        return [lightning_msr.MeanShiftRejection(batchnorm="replace"), lightning_msr.NoiseInjection()]
+        return [lightning_msr.MeanShiftRejection(batchnorm="replace", **options), lightning_msr.NoiseInjection()]
     if recipe == "deep_control_msr":
-        return [lightning_msr.DeepControl(), lightning_msr.MeanShiftRejection()]
+        return [lightning_msr.DeepControl(), lightning_msr.MeanShiftRejection(**options)]
     raise ValueError(f"Expected `recipe` to be one of {RECIPES}, but got {recipe!r}.")
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``"key=value"`` with ``value`` read as a Python literal where it is one (``0.3``, ``True``), else a string."""
+    import ast
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"Expected `--msr-option` as KEY=VALUE (e.g. mode=filter), but got {text!r}.")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def classification_models() -> list[str]:
@@ -276,11 +290,12 @@ def run_model(name: str, batch_sizes: Sequence[int], args: argparse.Namespace, d
                 convs = {n: m.weight.detach().clone() for n, m in net.named_modules()
                          if isinstance(m, nn.modules.conv._ConvNd)}  # fmt: skip
                 # the calibration alone: forward passes only, the batch after the calibrating ones is read
-                probe = fit(copy.deepcopy(base), 0.0, batch, calib + 1, data, recipe_callbacks(recipe), True)
+                callbacks = recipe_callbacks(recipe, args.msr_options)
+                probe = fit(copy.deepcopy(base), 0.0, batch, calib + 1, data, callbacks, True)
                 signal = probe.head_rms[calib] / bn_rms
                 first_signal = probe.head_rms[0] / bn_rms
                 del probe
-                model = fit(net, lr, batch, steps, data, recipe_callbacks(recipe))
+                model = fit(net, lr, batch, steps, data, recipe_callbacks(recipe, args.msr_options))
                 after = dict(model.net.named_modules())
                 unmoved = [n for n, w in convs.items() if torch.equal(w, after[n].weight.detach())]
                 finite = _finite(model.losses)
@@ -416,7 +431,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--table-only", action="store_true", help="only rewrite the table from the CSV")
     parser.add_argument("--wall-minutes", type=float, help="the sweep's wall clock, for the table")
     parser.add_argument("--shard", default="0/1", help="i/n: run every n-th model from the i-th (parallel processes)")
+    parser.add_argument(
+        "--msr-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an argument for MeanShiftRejection in both recipes (e.g. mode=filter): a default tried on the population",
+    )
     args = parser.parse_args(argv)
+    args.msr_options = dict(_option(text) for text in args.msr_option)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if not args.table_only:
         done = {(r["model"], r["batch"], r["recipe"]) for r in read_rows(args.csv)}
