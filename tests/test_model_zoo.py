@@ -47,6 +47,21 @@ SAMPLE = {
 }
 
 
+def test_msr_option_reaches_both_recipes_and_is_read_as_a_literal():
+    """`--msr-option KEY=VALUE` tries a setting on the population: every MeanShiftRejection of both recipes gets it."""
+    from lightning_msr import MeanShiftRejection
+
+    options = dict(zoo._option(text) for text in ("mode=filter", "residual_scale=0.5", "adaptive_clip=None"))
+    assert options == {"mode": "filter", "residual_scale": 0.5, "adaptive_clip": None}
+    for recipe in zoo.RECIPES:
+        (msr,) = [cb for cb in zoo.recipe_callbacks(recipe, options) if isinstance(cb, MeanShiftRejection)]
+        assert "mode='filter'" in repr(msr) and "residual_scale=0.5" in repr(msr) and "adaptive_clip=None" in repr(msr)
+        (plain,) = [cb for cb in zoo.recipe_callbacks(recipe) if isinstance(cb, MeanShiftRejection)]
+        assert "mode='kernel'" in repr(plain)
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        zoo._option("mode")
+
+
 def test_the_sample_covers_every_family():
     families = {zoo.family(name) for name in torchvision.models.list_models(module=torchvision.models)}
     assert set(SAMPLE) == families
@@ -58,7 +73,9 @@ def test_the_sample_covers_every_family():
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("name", sorted(SAMPLE.values()))
 def test_default_adoption_of_each_family(tmp_path, name, batch):
-    args = argparse.Namespace(steps=30, lrs=[0.1, 0.03, 0.01], max_params=150.0, csv=tmp_path / "zoo.csv")
+    args = argparse.Namespace(
+        steps=30, lrs=[0.1, 0.03, 0.01], max_params=150.0, csv=tmp_path / "zoo.csv", msr_options={}
+    )
     rows = zoo.run_model(name, [batch], args, done=set())
     assert [r["recipe"] for r in rows] == list(zoo.RECIPES)
     for row in rows:
