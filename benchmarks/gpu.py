@@ -167,7 +167,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name in args.models:
         for batch in args.batch_sizes:
             for method in (*METHODS, REFERENCE, "msr_alone"):
-                result = measure(name, method, batch, args, device)
+                try:
+                    result = measure(name, method, batch, args, device)
+                except torch.OutOfMemoryError:  # e.g. resnet50 at batch 256 on a 16 GiB GPU: reported, not fatal
+                    result = {"ms": None, "peak_mib": None}
                 _free(device)
                 rows.append({"model": name, "batch": batch, "method": method, **result})
                 print(rows[-1], flush=True)
@@ -200,18 +203,26 @@ def report(rows: list[dict], args: argparse.Namespace, device: torch.device, sec
             base = by[(model, batch, "batchnorm")]
             for method in METHODS:
                 r = by[(model, batch, method)]
+                if r["ms"] is None:
+                    lines.append(f"| {model} | {batch} | {method} | out of memory | - | - | - |")
+                    continue
+                ratio = "-" if base["ms"] is None else f"{r['ms'] / base['ms']:.2f}"
                 peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-                peak_ratio = "n/a" if r["peak_mib"] is None else f"{r['peak_mib'] / base['peak_mib']:.2f}"
-                lines.append(
-                    f"| {model} | {batch} | {method} | {r['ms']:.1f} | {r['ms'] / base['ms']:.2f} | {peak} | "
-                    f"{peak_ratio} |"
+                peak_ratio = (
+                    "n/a"
+                    if r["peak_mib"] is None or base["peak_mib"] is None
+                    else (f"{r['peak_mib'] / base['peak_mib']:.2f}")
                 )
+                lines.append(f"| {model} | {batch} | {method} | {r['ms']:.1f} | {ratio} | {peak} | {peak_ratio} |")
     lines += ["", "| model | batch | the engine's added time per step | as a share of the step |", "|---|---|---|---|"]
     for model in args.models:
         for batch in args.batch_sizes:
-            added = by[(model, batch, "msr_alone")]["ms"] - by[(model, batch, REFERENCE)]["ms"]
-            share = added / by[(model, batch, "msr_alone")]["ms"]
-            lines.append(f"| {model} | {batch} | {added:.2f} ms | {100 * share:.1f} % |")
+            alone, reference = by[(model, batch, "msr_alone")]["ms"], by[(model, batch, REFERENCE)]["ms"]
+            if alone is None or reference is None:
+                lines.append(f"| {model} | {batch} | out of memory | - |")
+                continue
+            added = alone - reference
+            lines.append(f"| {model} | {batch} | {added:.2f} ms | {100 * added / alone:.1f} % |")
     lines += [
         "",
         f"| model | largest batch in {args.budget_gib:g} GiB: " + " | ".join(METHODS) + " |",
@@ -227,6 +238,11 @@ def report(rows: list[dict], args: argparse.Namespace, device: torch.device, sec
     return "\n".join(lines) + "\n"
 
 
+def _ratio(value: Optional[float], base: Optional[float]) -> float:
+    """``value / base``, or NaN (no bar) where either ran out of memory."""
+    return float("nan") if value is None or base is None else value / base
+
+
 def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
     import matplotlib
 
@@ -238,7 +254,7 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / len(METHODS)
     for i, method in enumerate(METHODS):
-        ratios = [by[(m, b, method)]["ms"] / by[(m, b, "batchnorm")]["ms"] for m, b in settings]
+        ratios = [_ratio(by[(m, b, method)]["ms"], by[(m, b, "batchnorm")]["ms"]) for m, b in settings]
         ax.bar([k + i * width for k in range(len(settings))], ratios, width, label=method)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(settings))], [f"{m}\nbatch {b}" for m, b in settings])

@@ -179,6 +179,31 @@ def test_gpu_benchmark_runs_on_the_cpu_quick(tmp_path):
     assert (tmp_path / "gpu.png").stat().st_size > 1000
 
 
+def test_gpu_benchmark_reports_a_configuration_out_of_memory_and_goes_on(tmp_path, monkeypatch):
+    """A GPU too small for one configuration (resnet50 at batch 256 needs more than 16 GiB) still gets the rest."""
+    import importlib
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    gpu = importlib.import_module("gpu")
+    measure = gpu.measure
+
+    def measure_or_run_out(name, method, batch, args, device):
+        if batch == 4 and method in ("groupnorm", "msr_alone"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return measure(name, method, batch, args, device)
+
+    monkeypatch.setattr(gpu, "measure", measure_or_run_out)
+    monkeypatch.setattr(gpu, "plot", lambda *args: None)
+    assert gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "gpu.md").read_text()
+    assert "| mobilenet_v2 | 4 | groupnorm | out of memory |" in text
+    assert "| mobilenet_v2 | 4 | out of memory | - |" in text  # the engine's time needs msr_alone
+    assert "| mobilenet_v2 | 2 | groupnorm | " in text and "| mobilenet_v2 | 4 | batchnorm | " in text
+    assert gpu._ratio(None, 2.0) != gpu._ratio(None, 2.0)  # NaN: no bar in the plot
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present: the benchmark would run")
 def test_gpu_benchmark_says_when_no_gpu_is_present():
     proc = subprocess.run(
