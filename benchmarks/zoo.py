@@ -346,8 +346,11 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def write_table(rows: list[dict], path: Path, wall: Optional[float] = None) -> str:
-    """The Markdown table: one line a model, one column per recipe and batch (signal ratio; a mark if it failed)."""
+def write_table(
+    rows: list[dict], path: Path, wall: Optional[float] = None, msr_options: Optional[dict[str, Any]] = None
+) -> str:
+    """The Markdown table: one line a model, one column per recipe and batch (signal ratio; a mark if it failed).
+    ``msr_options``: the ``--msr-option`` arguments the rows were run with, named under the title."""
     batches = sorted({int(r["batch"]) for r in rows if r.get("batch")})
     by = {(r["model"], r.get("batch"), r.get("recipe")): r for r in rows}
     models = sorted({r["model"] for r in rows}, key=lambda n: (family(n), n))
@@ -366,6 +369,16 @@ def write_table(rows: list[dict], path: Path, wall: Optional[float] = None) -> s
         "BatchNorm itself barely learns at batch 1-2 (its losses reach 10-100): the largest losses say how far from",
         "finite each run was, not how well it learned.",
         "",
+        *(
+            [
+                "Both recipes ran with `MeanShiftRejection("
+                + ", ".join(f"{k}={v!r}" for k, v in msr_options.items())
+                + ")` in place of its defaults (`--msr-option`): a setting tried on the population, not the defaults.",
+                "",
+            ]
+            if msr_options
+            else []
+        ),
         f"**{passed} of {len(tested)} runs pass** over {len(models)} models"
         + (f"; the sweep took {wall / 60:.0f} minutes on this project's 2-core CPU." if wall else "."),
         "",
@@ -457,7 +470,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         print(_line(row), flush=True)
     rows = read_rows(args.csv)
     if rows:
-        write_table(rows, args.table, wall=args.wall_minutes * 60 if args.wall_minutes else None)
+        wall = args.wall_minutes * 60 if args.wall_minutes else None
+        write_table(rows, args.table, wall=wall, msr_options=args.msr_options)
     failed = [r for r in rows if r["passed"] == "NO" and (not args.models or r["model"] in args.models)]
     print(f"{sum(r['passed'] == 'yes' for r in rows)} passed, {len(failed)} failed")
     return 0
