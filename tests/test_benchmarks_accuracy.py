@@ -421,7 +421,6 @@ def test_unit_clip_and_the_calibration_options_reach_the_run():
 def test_deep_control_option_trains_the_users_path_deep_control_then_msr():
     """`deep_control=1`: `DeepControl()` goes first, on the BatchNorm network, so the trained network has Deep
     Control's gain controls where BatchNorm was and MSR's folded scales; anything but a BatchNorm network refuses."""
-    import lightning as L
     import torch
 
     models, accuracy = _bench_modules()
@@ -435,11 +434,7 @@ def test_deep_control_option_trains_the_users_path_deep_control_then_msr():
     assert batchnorms > 0
     module = accuracy.Classifier(model, lr=0.05, total_steps=2)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(task.x_train, task.y_train), batch_size=16)
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=2, logger=False, callbacks=callbacks, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )  # fmt: skip
-    trainer.fit(module, loader)
+    _two_step_trainer(callbacks).fit(module, loader)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert sum(isinstance(m, AutomaticGainControl) for m in model.modules()) == batchnorms
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -611,8 +606,16 @@ def test_scale_invariant_setting_trains_as_the_spherical_option_of_the_benchmark
         torch.testing.assert_close(finals["setting"][name], value, rtol=1e-4, atol=1e-5)
 
 
-def _fit_two_steps(models, accuracy, spec: str, lr: float):
+def _two_step_trainer(callbacks):
     import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, callbacks=callbacks, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+
+
+def _fit_two_steps(models, accuracy, spec: str, lr: float):
     import torch
 
     task = models.load_digits_task(max_train=128)
@@ -620,11 +623,7 @@ def _fit_two_steps(models, accuracy, spec: str, lr: float):
     module = accuracy.Classifier(model, lr=lr, total_steps=2, momentum=0.0, weight_decay=0.0)
     # the calibration pools 64 samples: the first batch, so the second step starts calibrated
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(task.x_train, task.y_train), batch_size=64)
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=2, logger=False, callbacks=callbacks, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-    )  # fmt: skip
-    trainer.fit(module, loader)
+    _two_step_trainer(callbacks).fit(module, loader)
     return model, callbacks
 
 

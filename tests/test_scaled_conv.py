@@ -22,7 +22,8 @@ def saved_tensors(fn):
     return out, saved
 
 
-@pytest.mark.parametrize(
+# a scaled conv of each dimensionality, its plain conv and an input shape
+EACH_DIMENSION = pytest.mark.parametrize(
     ("cls", "plain", "shape"),
     [
         (ScaledConv1d, nn.Conv1d, (2, 4, 9)),
@@ -31,6 +32,9 @@ def saved_tensors(fn):
     ],
     ids=["1d", "2d", "3d"],
 )
+
+
+@EACH_DIMENSION
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
 def test_equals_the_plain_conv_followed_by_a_channel_affine(cls, plain, shape, padding_mode):
     torch.manual_seed(0)
@@ -59,15 +63,7 @@ def _scale_then_shift(y, scale, bias):
 
 
 @pytest.mark.parametrize("scale_output", [True, False], ids=["output-scaled", "weight-scaled"])
-@pytest.mark.parametrize(
-    ("cls", "plain", "shape"),
-    [
-        (ScaledConv1d, nn.Conv1d, (2, 4, 9)),
-        (ScaledConv2d, nn.Conv2d, (2, 4, 7, 6)),
-        (ScaledConv3d, nn.Conv3d, (1, 4, 4, 5, 3)),
-    ],
-    ids=["1d", "2d", "3d"],
-)
+@EACH_DIMENSION
 def test_both_ways_of_applying_the_scale_give_the_same_function_and_gradients(
     monkeypatch, scale_output, cls, plain, shape
 ):
