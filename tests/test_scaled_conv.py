@@ -91,6 +91,30 @@ def test_both_ways_of_applying_the_scale_give_the_same_function_and_gradients(
                 torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("scale_output", [True, False], ids=["output-scaled", "weight-scaled"])
+def test_both_ways_under_bf16_autocast_run_the_conv_in_bf16_and_keep_float32_gradients(monkeypatch, scale_output):
+    from lightning_msr.nn import scaled_conv as module
+
+    monkeypatch.setattr(module, "_output_is_smaller", lambda *args: scale_output)
+    torch.manual_seed(0)
+    conv = ScaledConv2d(4, 6, 3)
+    with torch.no_grad():
+        conv.scale.uniform_(0.5, 2.0)
+    reference = copy.deepcopy(conv)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+        expected = nn.functional.conv2d(x, reference.weight * reference.scale.view(-1, 1, 1, 1), reference.bias)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    expected.float().sum().backward()
+    for name in ("weight", "scale", "bias"):
+        grad, want = getattr(conv, name).grad, getattr(reference, name).grad
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, want, rtol=2e-2, atol=2e-2)
+
+
 def test_the_scale_goes_where_the_tensor_is_smaller():
     from lightning_msr.nn.scaled_conv import _output_is_smaller
 
@@ -123,24 +147,6 @@ def test_saves_its_input_and_parameters_only():
     # so an in-place activation on the output is safe
     torch.relu_(out).sum().backward()
     assert conv.scale.grad is not None and conv.weight.grad is not None
-
-
-def test_autocast_bf16_runs_the_conv_in_bf16_and_keeps_float32_gradients():
-    torch.manual_seed(0)
-    conv = ScaledConv2d(4, 6, 3)
-    reference = copy.deepcopy(conv)
-    x = torch.randn(2, 4, 8, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = conv(x)
-        expected = nn.functional.conv2d(x, reference.weight * reference.scale.view(-1, 1, 1, 1), reference.bias)
-    assert out.dtype == expected.dtype == torch.bfloat16
-    torch.testing.assert_close(out, expected)
-    out.float().sum().backward()
-    expected.float().sum().backward()
-    for name in ("weight", "scale", "bias"):
-        grad, want = getattr(conv, name).grad, getattr(reference, name).grad
-        assert grad.dtype == torch.float32
-        torch.testing.assert_close(grad, want, rtol=2e-2, atol=2e-2)
 
 
 def test_channels_last():
