@@ -89,6 +89,12 @@ def test_both_ways_of_applying_the_scale_give_the_same_function_and_gradients(
             expected = torch.autograd.grad(_scale_then_shift(conv(x), scaled.scale, scaled.bias).square().sum(), inputs)
             for a, b in zip(grads, expected):
                 torch.testing.assert_close(a, b)
+        for p in params:  # a frozen conv: only the input's gradient
+            p.requires_grad_(False)
+        (grad_x,) = torch.autograd.grad(scaled(x).square().sum(), (x,))
+        torch.testing.assert_close(
+            grad_x, torch.autograd.grad(_scale_then_shift(conv(x), scaled.scale, scaled.bias).square().sum(), (x,))[0]
+        )
 
 
 @pytest.mark.parametrize("scale_output", [True, False], ids=["output-scaled", "weight-scaled"])

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from lightning_msr._checks import _check_beta_init, _check_bool, _check_finite
 from lightning_msr.exceptions import MSRConfigurationError, MSRWarning
+from lightning_msr.nn._broadcast import per_channel
 from lightning_msr.nn.affine import (
     _check_input,
     _check_num_features,
@@ -57,11 +58,6 @@ def _spatial_mean(x: Tensor) -> Tensor:
     return x.mean(dim=tuple(range(2, x.dim())), keepdim=True, dtype=accumulate)
 
 
-def _per_channel(value: Tensor, like: Tensor) -> Tensor:
-    """``value`` of shape ``(C,)`` as ``(1, C, 1, ...)`` in ``like``'s dtype, broadcastable against ``like``."""
-    return value.to(like.dtype).view(1, -1, *([1] * (like.dim() - 2)))
-
-
 class _GainControlFunction(torch.autograd.Function):
     """``gain * x - gain * beta * mean + bias`` for a given ``(N, C, 1, ...)`` map mean, with a lean backward.
 
@@ -78,7 +74,7 @@ class _GainControlFunction(torch.autograd.Function):
         ctx: Any, x: Tensor, mean: Tensor, gain: Optional[Tensor], beta: Tensor, bias: Optional[Tensor]
     ) -> Tensor:
         scale = beta if gain is None else gain * beta
-        shift = (mean * _per_channel(scale, mean)).to(x.dtype)
+        shift = (mean * per_channel(scale, mean)).to(x.dtype)
         out = channel_affine(x, gain, bias)  # gain * x + bias, one fused pass
         out = out - shift if out is x else out.sub_(shift)
         needs_x = gain is not None and ctx.needs_input_grad[2]
@@ -97,7 +93,7 @@ class _GainControlFunction(torch.autograd.Function):
             grad_x = channel_affine(grad, gain, None)  # gain * grad
         if ctx.needs_input_grad[1]:
             scale = beta if gain is None else gain * beta
-            grad_mean = -grad_sum * _per_channel(scale, grad_sum)
+            grad_mean = -grad_sum * per_channel(scale, grad_sum)
         mean_times_grad = (mean * grad_sum).sum(dim=dims)  # sum_n mean * sum_spatial(grad), shape (C,)
         if ctx.needs_input_grad[3]:
             grad_beta = -(mean_times_grad if gain is None else gain.to(mean.dtype) * mean_times_grad)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_msr.exceptions import MSRConfigurationError
+from lightning_msr.nn._broadcast import per_channel
 
 __all__ = [
     "ScaledConv",
@@ -96,11 +97,6 @@ def _output_is_smaller(
     return 3 * out < 2 * weight.numel()
 
 
-def _per_channel(values: Tensor, like: Tensor) -> Tensor:
-    """``values`` of shape ``(C,)`` viewed to broadcast over ``like``'s channel dimension 1, in ``like``'s dtype."""
-    return values.to(like.dtype).view(1, -1, *([1] * (like.dim() - 2)))
-
-
 class _ScaledConvFunction(torch.autograd.Function):
     """``conv(x, scale * weight) + bias`` that saves ``x``, ``weight`` and ``scale`` -- not ``scale * weight``.
 
@@ -129,9 +125,9 @@ class _ScaledConvFunction(torch.autograd.Function):
         ctx.scale_output = _output_is_smaller(x, weight, stride, padding, dilation)
         if ctx.scale_output:  # a fresh tensor of ours: scaled (and shifted) in place
             out = conv(x, weight, None, stride, padding, dilation, groups)
-            out.mul_(_per_channel(scale, out))
+            out.mul_(per_channel(scale, out))
             if bias is not None:
-                out.add_(_per_channel(bias, out))
+                out.add_(per_channel(bias, out))
         else:
             out = conv(x, scaled_weight(weight, scale), bias, stride, padding, dilation, groups)
         ctx.save_for_backward(x, weight, scale)
@@ -153,13 +149,15 @@ class _ScaledConvFunction(torch.autograd.Function):
             # (unscaled) and the bias's are the conv's for `grad`
             weight_ = weight.to(grad.dtype)
             if needs_x:
-                scaled_grad = grad * _per_channel(scale, grad)
+                scaled_grad = grad * per_channel(scale, grad)
                 grad_x = torch.ops.aten.convolution_backward(
                     scaled_grad, x_, weight_, None, *options, [True, False, False]
                 )[0]
-            _, grad_effective, grad_bias = torch.ops.aten.convolution_backward(
-                grad, x_, weight_, bias_sizes, *options, [False, needs_weight or needs_scale, needs_bias]
-            )
+            grad_effective = grad_bias = None
+            if needs_weight or needs_scale or needs_bias:
+                _, grad_effective, grad_bias = torch.ops.aten.convolution_backward(
+                    grad, x_, weight_, bias_sizes, *options, [False, needs_weight or needs_scale, needs_bias]
+                )
         else:
             grad_x, grad_effective, grad_bias = torch.ops.aten.convolution_backward(
                 grad,
