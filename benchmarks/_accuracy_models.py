@@ -775,9 +775,11 @@ class CalibratedGains(L.Callback):
 
         from lightning_msr.nn.scaled_conv import is_scaled_conv, scaled_conv
 
+        if self.done:
+            return
         msr = next(cb for cb in trainer.callbacks if type(cb).__name__ == "MeanShiftRejection")
         report = msr.engine.calibration if msr.engine is not None else None
-        if self.done or report is None or not report.complete:
+        if report is None or not report.complete:
             return
 
         def forward(self: Any, x: Tensor) -> Tensor:

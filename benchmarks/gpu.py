@@ -208,11 +208,8 @@ def report(rows: list[dict], args: argparse.Namespace, device: torch.device, sec
                     continue
                 ratio = "-" if base["ms"] is None else f"{r['ms'] / base['ms']:.2f}"
                 peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-                peak_ratio = (
-                    "n/a"
-                    if r["peak_mib"] is None or base["peak_mib"] is None
-                    else (f"{r['peak_mib'] / base['peak_mib']:.2f}")
-                )
+                missing = r["peak_mib"] is None or base["peak_mib"] is None
+                peak_ratio = "n/a" if missing else f"{r['peak_mib'] / base['peak_mib']:.2f}"
                 lines.append(f"| {model} | {batch} | {method} | {r['ms']:.1f} | {ratio} | {peak} | {peak_ratio} |")
     lines += ["", "| model | batch | the engine's added time per step | as a share of the step |", "|---|---|---|---|"]
     for model in args.models:

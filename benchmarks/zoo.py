@@ -453,6 +453,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     args.msr_options = dict(_option(text) for text in args.msr_option)
+    for recipe in RECIPES:  # a misspelt or bad option fails here, with MeanShiftRejection's message, not hours in
+        try:
+            recipe_callbacks(recipe, args.msr_options)
+        except TypeError as error:
+            parser.error(f"--msr-option: {error}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if not args.table_only:
         done = {(r["model"], r["batch"], r["recipe"]) for r in read_rows(args.csv)}

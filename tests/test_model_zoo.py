@@ -62,6 +62,18 @@ def test_msr_option_reaches_both_recipes_and_is_read_as_a_literal():
         zoo._option("mode")
 
 
+def test_msr_option_is_checked_before_any_model_runs(tmp_path, capsys):
+    from lightning_msr import MSRConfigurationError
+
+    csv = str(tmp_path / "zoo.csv")
+    with pytest.raises(SystemExit):
+        zoo.main(["--models", "resnet18", "--csv", csv, "--msr-option", "moed=filter"])
+    assert "--msr-option" in (err := capsys.readouterr().err) and "moed" in err
+    with pytest.raises(MSRConfigurationError, match="Expected `mode` to be one of"):
+        zoo.main(["--models", "resnet18", "--csv", csv, "--msr-option", "mode=filtre"])
+    assert not (tmp_path / "zoo.csv").exists()  # nothing ran
+
+
 def test_the_sample_covers_every_family():
     families = {zoo.family(name) for name in torchvision.models.list_models(module=torchvision.models)}
     assert set(SAMPLE) == families
