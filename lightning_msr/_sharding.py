@@ -49,7 +49,7 @@ def _group_dims(shape: Sequence[int], mode: str, transposed: bool) -> tuple[set[
     """The dims that one kernel group spans, and the dims that one output filter's norm spans."""
     dims = len(shape)
     rest = set(range(1, dims))
-    if mode == "filter" or dims == 2:
+    if (mode == "filter" and not transposed) or dims == 2:
         return rest, rest
     spatial = set(range(2, dims))
     pointwise = all(k == 1 for k in shape[2:])

@@ -20,7 +20,9 @@ Which elements share one mean (the *kernel group*) follows the shape of the weig
   centred and is skipped;
 * 2-D (``nn.Linear``) weights: the inputs of each row (dim ``1``);
 * ``mode="filter"``: all of dims ``1..`` of each output filter -- this is Gradient Centralization
-  (Yong et al. 2020) and is offered as a cross-check.
+  (Yong et al. 2020). A ``ConvTransposeNd`` keeps the groups above in this mode too: its output filters run
+  across dim ``1``, so Gradient Centralization's dim-``0`` slices are not filters, and calibration's
+  per-output-channel scales would move them off zero mean; its kernels are zero-mean in both modes.
 
 Example::
 
@@ -110,7 +112,7 @@ def _groups(
             f"Expected a weight with at least 2 dims (Linear: (out, in); ConvNd: (out, in / groups, *kernel)), "
             f"but got shape {tuple(shape)}. Biases and norm parameters are never centred."
         )
-    if mode == "filter":
+    if mode == "filter" and not transposed:  # a ConvTranspose keeps its kernels' groups (module docstring)
         layout = KernelGroups(shape[0], math.prod(shape[1:]), 1)
     elif len(shape) == 2:
         layout = KernelGroups(shape[0], shape[1], 1)
@@ -293,7 +295,8 @@ def project_mean_(
         alpha: fraction of the mean to remove, in ``[0, 1]``.
         mode: ``"kernel"`` (the paper's per-kernel mean, see the module docstring) or ``"filter"`` (mean
             over each whole output filter, i.e. Gradient Centralization).
-        transposed: the tensors belong to a ``ConvTransposeNd`` (matters for pointwise kernels only).
+        transposed: the tensors belong to a ``ConvTransposeNd`` (matters for pointwise kernels and
+            ``mode="filter"``, see the module docstring).
         groups: the conv's ``groups`` (matters for transposed pointwise kernels only).
 
     Returns:
@@ -392,7 +395,8 @@ def filter_norms(
 
     Args:
         weight: the weight.
-        mode: ``"kernel"`` or ``"filter"`` (with ``"filter"`` a filter is always a slice along dim 0).
+        mode: ``"kernel"`` or ``"filter"`` (the same filters: a filter is a slice along dim 0, or a
+            ``ConvTranspose``'s output channel).
         transposed: the weight belongs to a ``ConvTransposeNd``.
         groups: the conv's ``groups``.
         dtype: accumulate in at least this dtype.
@@ -412,7 +416,7 @@ def filter_norms(
     w = local_shard(w)
     if dtype is not None:
         dtype = torch.promote_types(w.dtype, dtype)
-    if transposed and mode == "kernel" and w.dim() > 2:
+    if transposed and w.dim() > 2:
         # ConvTranspose weight (in, out/g, *k): output channel j of group c reads w[c*in/g:(c+1)*in/g, j].
         view = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1)
         norms = view.to(dtype or view.dtype).square().sum(dim=(1, 3), keepdim=True).sqrt()
@@ -424,7 +428,7 @@ def filter_norms(
 def _filter_dots(a: Tensor, b: Tensor, mode: Mode, transposed: bool, groups: int) -> Tensor:
     """``<a[f], b[f]>`` for every output filter ``f``, broadcastable against ``a``, with :func:`filter_norms`'s
     filters."""
-    if transposed and mode == "kernel" and a.dim() > 2:
+    if transposed and a.dim() > 2:
         shape = (groups, a.shape[0] // groups, a.shape[1], -1)
         dots = (a.reshape(shape) * b.reshape(shape)).sum(dim=(1, 3), keepdim=True)
         return dots.expand((*shape[:3], a[0, 0].numel())).reshape(a.shape)

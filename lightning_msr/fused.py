@@ -194,7 +194,7 @@ def unsupported(
 
     The kernel works on rows of the weight: every kernel group must lie inside one row (dim 0), and the norms it
     keeps must be those of the rows. A ``ConvTranspose`` weight ``(in, out / groups, *kernel)`` qualifies with
-    spatial kernels, unless ``keep_magnitude`` holds the norms of its output channels (``mode="kernel"``).
+    spatial kernels, unless ``keep_magnitude`` holds the norms of its output channels (in either ``mode``).
 
     Example::
 
@@ -215,7 +215,7 @@ def unsupported(
         return "it has fewer than 2 dims"
     if not tensor.is_contiguous():
         return "it is not contiguous (e.g. channels_last)"
-    if transposed and mode == "kernel":
+    if transposed:  # its kernels' groups in either mode
         if math.prod(tensor.shape[2:]) <= 1:
             return "it is a pointwise ConvTranspose weight, whose kernel groups run across its rows"
         if keep_magnitude:

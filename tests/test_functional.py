@@ -169,6 +169,21 @@ def test_filter_mode_equals_gradient_centralization():
     torch.testing.assert_close(project_mean_(lin.clone(), mode="filter"), lin - lin.mean(dim=1, keepdim=True))
 
 
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1)])
+def test_a_conv_transpose_keeps_its_kernels_groups_in_filter_mode(kernel):
+    """A ConvTranspose weight (in, out / groups, *k) has its output filters across dim 1: Gradient Centralization's
+    dim-0 slices are not filters, and calibration's per-output-channel scales would move them off zero mean. So in
+    filter mode it keeps the groups of kernel mode, and one output channel's scale leaves it zero-mean."""
+    w = torch.randn(6, 4, *kernel, dtype=torch.float64)  # groups=2: 3 inputs x 4 outputs per group
+    kw = {"transposed": True, "groups": 2}
+    assert kernel_groups(w, "filter", **kw) == kernel_groups(w, "kernel", **kw)
+    torch.testing.assert_close(project_mean_(w.clone(), mode="filter", **kw), project_mean_(w.clone(), **kw))
+    torch.testing.assert_close(filter_norms(w, "filter", **kw), filter_norms(w, "kernel", **kw))
+    centred = project_mean_(w.clone(), mode="filter", **kw)
+    centred[:, 1] *= 3.0  # calibration scales output channel 1 (dim 1 of a ConvTranspose weight)
+    assert float(mean_shift(centred, mode="filter", **kw)) < 1e-6  # float32, as mean_shift computes
+
+
 def test_projection_of_channels_last_and_non_contiguous_tensors():
     g = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
     expected = g - g.mean(dim=(2, 3), keepdim=True)
