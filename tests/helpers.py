@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -14,7 +15,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_msr import MSRSettings
 from lightning_msr.fused import fused_unavailable
+
+# The centring group MeanShiftRejection and MSREngine use by default: what the tests of their training check.
+DEFAULT_MODE = inspect.signature(MSRSettings).parameters["mode"].default
 
 # Tests of the fused kernel need a C compiler (every machine this project runs CI on has one).
 needs_fused_kernel = pytest.mark.skipif(

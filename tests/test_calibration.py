@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from helpers import ConvNet, WeightRecorder, loader, trainer
+from helpers import DEFAULT_MODE, ConvNet, WeightRecorder, loader, trainer
 from torch import nn
 
 import lightning_msr
@@ -69,7 +69,7 @@ def test_calibration_gives_every_layer_batchnorm_statistics(gains):
     # each channel's mean is shrunk towards its layer's by 64 / (n + 64) of the way: near 0, not exactly
     torch.testing.assert_close(mean, torch.zeros_like(mean), rtol=0.0, atol=1e-3)
     for conv in (m for m in net if isinstance(m, nn.Conv2d)):  # filters were only scaled
-        assert float(mean_shift(conv.weight)) < 1e-6
+        assert float(mean_shift(conv.weight, mode=DEFAULT_MODE)) < 1e-6
     if gains:  # the scale went into the filters; the fresh gains stay at BatchNorm's 1
         for gain in (m for m in net if isinstance(m, ChannelAffine)):
             torch.testing.assert_close(gain.weight, torch.ones(8), rtol=0.05, atol=0.0)
@@ -385,7 +385,7 @@ def test_paper_settings_are_reachable(tmp_path):
     assert len(paper.weights) == len(eligible_weights(model))
     first = recorder.at_fit_start["features.0.weight"]
     torch.testing.assert_close(first.flatten(1).norm(dim=1), torch.ones(8))
-    assert max(float(mean_shift(w.parameter, **w.layout_kwargs())) for w in paper.weights) < 1e-5
+    assert max(float(mean_shift(w.parameter, mode=DEFAULT_MODE, **w.layout_kwargs())) for w in paper.weights) < 1e-5
 
 
 def test_adaptive_clip_bounds_every_unit_and_keeps_zero_mean():

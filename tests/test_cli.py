@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the examples are not installed: import them from the repository
     sys.path.insert(0, str(ROOT))
 
+from helpers import DEFAULT_MODE  # noqa: E402
+
 import lightning_msr  # noqa: E402
 from examples.digits.main import cli_main  # noqa: E402
 from lightning_msr.functional import eligible_weights, mean_shift  # noqa: E402
@@ -56,7 +58,7 @@ def _quick(tmp_path: Path) -> list[str]:
 
 
 def _worst_mean_shift(model: torch.nn.Module) -> float:
-    return max(float(mean_shift(w.parameter, **w.layout_kwargs())) for w in eligible_weights(model))
+    return max(float(mean_shift(w.parameter, mode=DEFAULT_MODE, **w.layout_kwargs())) for w in eligible_weights(model))
 
 
 def test_print_config_shows_callbacks_with_their_arguments(capsys):

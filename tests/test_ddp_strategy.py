@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import ConvNet, run_script, script_env
+from helpers import DEFAULT_MODE, ConvNet, run_script, script_env
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
@@ -350,7 +350,7 @@ def test_both_per_step_paths_keep_ranks_bit_identical(fit_run, tmp_path, impleme
 def test_kernels_stay_on_the_isocline(fit_run):
     for record in fit_run.records:
         for key in CONV_WEIGHTS:
-            assert float(mean_shift(record["end_state"][key])) < 1e-5, key
+            assert float(mean_shift(record["end_state"][key], mode=DEFAULT_MODE)) < 1e-5, key
 
 
 @pytest.mark.ddp
@@ -366,7 +366,7 @@ def test_keep_magnitude_holds_norms_identically_on_both_ranks(tmp_path):
         assert not torch.equal(rank0["start_state"][key], weight), f"{key} did not train"
         norms = weight.flatten(1).norm(dim=1)
         torch.testing.assert_close(norms, torch.ones_like(norms), rtol=1e-5, atol=0)
-        assert float(mean_shift(weight)) < 1e-5, key
+        assert float(mean_shift(weight, mode=DEFAULT_MODE)) < 1e-5, key
 
 
 @pytest.mark.ddp
@@ -398,7 +398,7 @@ def test_checkpoint_saved_by_rank0_resumes_on_two_ranks(fit_run, tmp_path):
         assert _identical(record["start_state"], checkpoint["state_dict"])
         assert record["steps"] == 4
         for key in CONV_WEIGHTS:
-            assert float(mean_shift(record["end_state"][key])) < 1e-5
+            assert float(mean_shift(record["end_state"][key], mode=DEFAULT_MODE)) < 1e-5
     assert _identical(rank0["end_state"], rank1["end_state"])
     assert not torch.equal(rank0["end_state"]["net.0.weight"], checkpoint["state_dict"]["net.0.weight"])
     assert not torch.allclose(rank0["probe_train"], rank1["probe_train"])
@@ -412,7 +412,7 @@ def test_spawn_variant_trains_in_sync(tmp_path):
     assert _identical(rank0["end_state"], rank1["end_state"])
     assert not torch.allclose(rank0["probe_train"], rank1["probe_train"])
     for key in CONV_WEIGHTS:
-        assert float(mean_shift(rank0["end_state"][key])) < 1e-5
+        assert float(mean_shift(rank0["end_state"][key], mode=DEFAULT_MODE)) < 1e-5
 
 
 @pytest.mark.ddp
@@ -439,7 +439,7 @@ def test_batchnorm_replaced_by_the_callback_trains(tmp_path):
     for key in ("net.0.scale", "net.0.weight"):
         assert not torch.equal(rank0["start_state"][key], rank0["end_state"][key]), f"{key} did not train"
     direction = rank0["end_state"]["net.0.weight"]
-    assert float(mean_shift(direction)) < 1e-5
+    assert float(mean_shift(direction, mode=DEFAULT_MODE)) < 1e-5
     torch.testing.assert_close(direction.flatten(1).norm(dim=1), torch.ones(8), rtol=1e-5, atol=0)
 
 
@@ -548,7 +548,7 @@ def _assert_trained_in_sync_across_nodes(records: list[dict[str, Any]], environm
     for key in (*CONV_WEIGHTS, "net.0.scale"):
         assert not torch.equal(rank0["start_state"][key], rank0["end_state"][key]), f"{key} did not train"
     for key in CONV_WEIGHTS:
-        assert float(mean_shift(rank0["end_state"][key])) < 1e-5, key
+        assert float(mean_shift(rank0["end_state"][key], mode=DEFAULT_MODE)) < 1e-5, key
     # noise: the same input through the same weights differs between the nodes in training only
     assert torch.equal(rank0["probe_eval"], rank1["probe_eval"])
     assert not torch.allclose(rank0["probe_train"], rank1["probe_train"])
@@ -576,7 +576,7 @@ def test_two_node_checkpoint_resumes_on_one_node(two_node_run, tmp_path):
     assert record["steps"] == 4
     assert not torch.equal(record["end_state"]["net.0.weight"], checkpoint["state_dict"]["net.0.weight"])
     for key in CONV_WEIGHTS:
-        assert float(mean_shift(record["end_state"][key])) < 1e-5, key
+        assert float(mean_shift(record["end_state"][key], mode=DEFAULT_MODE)) < 1e-5, key
 
 
 @pytest.mark.ddp

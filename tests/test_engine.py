@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_script
+from helpers import DEFAULT_MODE, run_script
 from torch import nn
 
 import lightning_msr
@@ -55,7 +55,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, data) -> None:
 
 
 def worst_shift(engine: MSREngine) -> float:
-    return max(float(mean_shift(w.parameter, **w.layout_kwargs())) for w in engine.weights)
+    return max(float(mean_shift(w.parameter, mode=DEFAULT_MODE, **w.layout_kwargs())) for w in engine.weights)
 
 
 # ---------------------------------------------------------------------------------------------- the three loops

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the examples are not installed: import them from the repository
     sys.path.insert(0, str(ROOT))
 
+from helpers import DEFAULT_MODE  # noqa: E402
+
 import lightning_msr  # noqa: E402
 from examples import demo  # noqa: E402
 from examples.cifar10.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule  # noqa: E402
@@ -271,7 +273,7 @@ def test_cifar10_cli_end_to_end_with_msr_config(fake_cifar10, tmp_path):
     assert isinstance(model.net.maxpool, torch.nn.Identity)
     kernels = eligible_weights(model)
     assert len(kernels) == 20  # resnet18: stem + 16 block convs + 3 downsample 1x1 convs
-    assert max(float(mean_shift(k.parameter, **k.layout_kwargs())) for k in kernels) < 1e-5
+    assert max(float(mean_shift(k.parameter, mode=DEFAULT_MODE, **k.layout_kwargs())) for k in kernels) < 1e-5
     assert "val_acc" in trainer.callback_metrics
     (in_memory,) = trainer.test(model, datamodule=cli.datamodule, verbose=False)
 

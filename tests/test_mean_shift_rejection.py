@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import OPTIMIZERS, ConvNet, WeightRecorder, conv_weights, loader, trainer
+from helpers import DEFAULT_MODE, OPTIMIZERS, ConvNet, WeightRecorder, conv_weights, loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -23,7 +23,8 @@ from lightning_msr.fused import fused_unavailable
 
 
 def worst_mean_shift(model: nn.Module) -> float:
-    return max(float(mean_shift(w.parameter, **w.layout_kwargs())) for w in eligible_weights(model) if w.centrable)
+    weights = [w for w in eligible_weights(model) if w.centrable]
+    return max(float(mean_shift(w.parameter, mode=DEFAULT_MODE, **w.layout_kwargs())) for w in weights)
 
 
 def param_hooks(model: nn.Module) -> int:
@@ -37,7 +38,7 @@ def test_kernels_stay_on_the_isocline_with_every_optimizer(tmp_path, optimizer):
     trainer(tmp_path, max_epochs=3, callbacks=[MeanShiftRejection()]).fit(model, loader(64))
     assert worst_mean_shift(model) < 1e-5
     # the Linear head is not centred by default
-    assert float(mean_shift(model.head.weight)) > 1e-3
+    assert float(mean_shift(model.head.weight, mode=DEFAULT_MODE)) > 1e-3
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
@@ -59,7 +60,7 @@ def test_zero_mean_init_at_setup(tmp_path):
         weight = start[w.name]
         if not w.centrable:
             continue
-        assert float(mean_shift(weight, **w.layout_kwargs())) < 1e-6
+        assert float(mean_shift(weight, mode=DEFAULT_MODE, **w.layout_kwargs())) < 1e-6
         if not w.transposed:
             torch.testing.assert_close(weight.flatten(1).norm(dim=1), torch.full((weight.shape[0],), 2.0))
 
@@ -102,7 +103,7 @@ def test_gradients_are_projected_and_linear_and_biases_untouched(tmp_path):
             expected = raw.clone()
             from lightning_msr.functional import project_mean_
 
-            project_mean_(expected, **layouts[name].layout_kwargs())
+            project_mean_(expected, mode=DEFAULT_MODE, **layouts[name].layout_kwargs())
             torch.testing.assert_close(seen[name], expected)
             assert not torch.allclose(seen[name], raw)
         else:  # Linear weight, biases and the uncentrable depthwise pointwise kernels
@@ -131,10 +132,20 @@ def test_include_linear_and_filter_mode(tmp_path):
     trainer(tmp_path, max_epochs=2, callbacks=[MeanShiftRejection(include_linear=True, mode="filter")]).fit(
         model, loader()
     )
-    assert float(mean_shift(model.head.weight)) < 1e-5
+    assert float(mean_shift(model.head.weight, mode=DEFAULT_MODE)) < 1e-5
     conv = model.features[8].weight  # 8 input channels: a filter holds 8 kernels
     assert float(mean_shift(conv, mode="filter")) < 1e-5
-    assert float(mean_shift(conv)) > 1e-4  # per-kernel means are free in filter mode
+    assert float(mean_shift(conv, mode="kernel")) > 1e-4  # per-kernel means are free in filter mode
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_kernel_mode_keeps_every_kernel_zero_mean(tmp_path, optimizer):
+    """The paper's constraint, `mode="kernel"`: every (output, input) kernel zero-mean, not only every filter."""
+    L.seed_everything(0)
+    model = ConvNet(optimizer)
+    trainer(tmp_path, max_epochs=2, callbacks=[MeanShiftRejection(mode="kernel")]).fit(model, loader())
+    weights = [w for w in eligible_weights(model) if w.centrable]
+    assert max(float(mean_shift(w.parameter, mode="kernel", **w.layout_kwargs())) for w in weights) < 1e-5
 
 
 def test_projection_in_backward_equals_projection_at_the_step(tmp_path):
@@ -358,8 +369,8 @@ def test_exclude_patterns(tmp_path):
         model, loader()
     )
     assert torch.equal(recorder.at_fit_start["features.0.weight"], original)
-    assert float(mean_shift(model.features[0].weight)) > 1e-3
-    assert float(mean_shift(model.features[8].weight)) < 1e-5
+    assert float(mean_shift(model.features[0].weight, mode=DEFAULT_MODE)) > 1e-3
+    assert float(mean_shift(model.features[8].weight, mode=DEFAULT_MODE)) < 1e-5
 
 
 def test_batchnorm_policies(tmp_path):
@@ -453,7 +464,7 @@ def test_layers_built_in_configure_model_are_initialised(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*found no conv layer.*")
         trainer(tmp_path, max_steps=2, callbacks=[MeanShiftRejection(), recorder]).fit(model, loader())
-    assert float(mean_shift(recorder.at_fit_start["features.0.weight"])) < 1e-6
+    assert float(mean_shift(recorder.at_fit_start["features.0.weight"], mode=DEFAULT_MODE)) < 1e-6
     assert worst_mean_shift(model) < 1e-5
 
 
@@ -549,7 +560,7 @@ def test_frozen_conv_weights_are_not_redrawn(tmp_path):
     ):
         trainer(tmp_path, max_steps=3, callbacks=[MeanShiftRejection()]).fit(model, loader())
     assert torch.equal(model.features[0].weight, frozen)  # not redrawn, not projected, not re-centred
-    assert float(mean_shift(model.features[4].weight)) < 1e-5  # the trainable ones were initialised
+    assert float(mean_shift(model.features[4].weight, mode=DEFAULT_MODE)) < 1e-5  # the trainable ones were initialised
 
 
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
@@ -563,7 +574,7 @@ def test_frozen_conv_weights_are_not_centred(tmp_path, optimizer):
             model, loader()
         )
     assert torch.equal(model.features[0].weight, frozen)
-    assert float(mean_shift(model.features[4].weight)) < 1e-5
+    assert float(mean_shift(model.features[4].weight, mode=DEFAULT_MODE)) < 1e-5
 
 
 def _checkpoint_without_msr(tmp_path) -> str:

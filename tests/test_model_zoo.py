@@ -51,13 +51,13 @@ def test_msr_option_reaches_both_recipes_and_is_read_as_a_literal():
     """`--msr-option KEY=VALUE` tries a setting on the population: every MeanShiftRejection of both recipes gets it."""
     from lightning_msr import MeanShiftRejection
 
-    options = dict(zoo._option(text) for text in ("mode=filter", "residual_scale=0.5", "adaptive_clip=None"))
-    assert options == {"mode": "filter", "residual_scale": 0.5, "adaptive_clip": None}
+    options = dict(zoo._option(text) for text in ("mode=kernel", "residual_scale=0.5", "adaptive_clip=None"))
+    assert options == {"mode": "kernel", "residual_scale": 0.5, "adaptive_clip": None}
     for recipe in zoo.RECIPES:
         (msr,) = [cb for cb in zoo.recipe_callbacks(recipe, options) if isinstance(cb, MeanShiftRejection)]
-        assert "mode='filter'" in repr(msr) and "residual_scale=0.5" in repr(msr) and "adaptive_clip=None" in repr(msr)
+        assert "mode='kernel'" in repr(msr) and "residual_scale=0.5" in repr(msr) and "adaptive_clip=None" in repr(msr)
         (plain,) = [cb for cb in zoo.recipe_callbacks(recipe) if isinstance(cb, MeanShiftRejection)]
-        assert "mode='kernel'" in repr(plain)
+        assert "mode='filter'" in repr(plain) and "residual_scale=0.3" in repr(plain)  # the defaults
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         zoo._option("mode")
 

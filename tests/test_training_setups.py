@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import ConvNet, WeightRecorder, conv_weights, loader, needs_fused_kernel, trainer
+from helpers import DEFAULT_MODE, ConvNet, WeightRecorder, conv_weights, loader, needs_fused_kernel, trainer
 from lightning.pytorch.callbacks import BackboneFinetuning, ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
@@ -23,7 +23,8 @@ from lightning_msr.nn import ScaledConv2d
 
 
 def worst_mean_shift(model: nn.Module) -> float:
-    return max(float(mean_shift(w.parameter, **w.layout_kwargs())) for w in eligible_weights(model) if w.centrable)
+    weights = [w for w in eligible_weights(model) if w.centrable]
+    return max(float(mean_shift(w.parameter, mode=DEFAULT_MODE, **w.layout_kwargs())) for w in weights)
 
 
 # --------------------------------------------------------------------------- resume is exact
@@ -80,7 +81,7 @@ class GradCheck(L.Callback):
         for w in eligible_weights(pl_module):
             g = w.parameter.grad
             if w.centrable and g is not None and torch.isfinite(g).all():
-                vals.append(float(mean_shift(g, **w.layout_kwargs())))
+                vals.append(float(mean_shift(g, mode=DEFAULT_MODE, **w.layout_kwargs())))
         self.worst.append(max(vals, default=0.0))
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self.scales.append(float(scaler.get_scale()) if scaler is not None else 1.0)
@@ -212,7 +213,7 @@ def test_manual_optimization_projects_each_optimizers_own_parameters_once(tmp_pa
     reference = copy.deepcopy(model)
     recorder = WeightRecorder()
     data = loader(4, 4)
-    msr = MeanShiftRejection(alpha=0.5, init="none", adaptive_clip=None)  # exact projection, no clipping
+    msr = MeanShiftRejection(alpha=0.5, init="none", adaptive_clip=None, mode="kernel")  # exact, no clipping
     trainer(tmp_path, max_steps=1, callbacks=[msr, recorder]).fit(model, data)
     x, _ = next(iter(data))
     fake = reference.generator(x.flip(-1))

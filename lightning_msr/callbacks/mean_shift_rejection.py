@@ -56,15 +56,16 @@ class MeanShiftRejection(MSRSettings, Callback):
     Added to a :class:`~lightning.pytorch.Trainer`, this callback changes nothing in the LightningModule:
 
     * at ``setup("fit")`` -- before checkpoint weights are restored, before ``configure_optimizers`` and
-      before DDP broadcasts rank 0's weights -- it initialises every conv kernel to zero mean with filter
-      norm ``init_magnitude`` (``init="zero_mean"``), or centres the existing, e.g. pretrained, kernels
+      before DDP broadcasts rank 0's weights -- it initialises every conv filter (``mode="filter"``, the
+      default) or kernel (``mode="kernel"``) to zero mean with filter norm ``init_magnitude``
+      (``init="zero_mean"``), or centres the existing, e.g. pretrained, kernels
       (``init="center"``). Frozen weights (``requires_grad=False``) are left as they are, with a warning. A
       model is never initialised twice (a later fit asking for other settings is warned that nothing is
       redrawn), and a fit resumed from a checkpoint keeps the checkpoint's weights -- a checkpoint trained
       without MSR gets a warning that its kernels are not zero-mean, or with ``init="center"`` is centred
       once restored;
-    * for every optimizer step it subtracts ``alpha`` times the kernel-wise mean from the conv-weight
-      gradients (``g <- g - alpha * mean(g)``, an exact projection for ``alpha = 1``), so SGD with momentum,
+    * for every optimizer step it subtracts ``alpha`` times the filter-wise (or kernel-wise) mean from the
+      conv-weight gradients (``g <- g - alpha * mean(g)``, an exact projection for ``alpha = 1``), so SGD with momentum,
       Nesterov and weight decay keeps the kernels on the zero-mean isocline;
     * after the step of an optimizer whose update is not linear in the gradient (Adam, AdamW, RMSprop,
       Adagrad, ...) it re-centres the updated kernels, which SGD does not need;

@@ -111,8 +111,8 @@ class MSREngine(MSRSettings):
 
     * **now**: BatchNorm is handled as ``batchnorm`` says (``"replace"`` folds it into the convs, and the
       optimizers' param groups get the new parameters in the old ones' places, see
-      :func:`~lightning_msr.replace_batchnorm`'s ``optimizers``); every conv kernel is drawn zero-mean (``init``),
-      and, under ``torch.distributed``, rank 0's draw is broadcast;
+      :func:`~lightning_msr.replace_batchnorm`'s ``optimizers``); every conv filter (``mode="kernel"``: every
+      kernel) is drawn zero-mean (``init``), and, under ``torch.distributed``, rank 0's draw is broadcast;
     * **the first training forward passes** (a forward pre-hook of the model, in training mode with gradients
       enabled) calibrate the gains, pooled over ``calibration_samples`` samples summed over processes;
     * **every optimizer step**: the gradient projection runs in each kernel's post-accumulate-grad hook as soon

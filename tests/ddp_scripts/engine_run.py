@@ -79,7 +79,7 @@ def train_epochs(model: Any, optimizer: Any, data: Any, epochs: int, backward: A
 
 
 def report(net: nn.Module, msr: Any, optimizer: torch.optim.Optimizer, out: Path) -> None:
-    shifts = [float(mean_shift(w.parameter, **w.layout_kwargs())) for w in msr.weights]
+    shifts = [float(mean_shift(w.parameter, mode=msr.settings()["mode"], **w.layout_kwargs())) for w in msr.weights]
     torch.save(
         {
             "state": {k: v.detach().clone() for k, v in net.state_dict().items()},
