@@ -33,9 +33,10 @@ from _accuracy_models import choose_lr
 
 ARCH_NAMES = {"resnet20": "ResNet-20", "vgg": "VGG (the small VGG of `--arch vgg`)"}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
-ORDER = ("msr_replace_noise", "batchnorm", "groupnorm", "gn_ws", "frn")
+ORDER = ("msr_replace_noise", "msr_replace_noise[mode=kernel]", "batchnorm", "groupnorm", "gn_ws", "frn")
 NAMES = {
     "msr_replace_noise": "MSR defaults",
+    "msr_replace_noise[mode=kernel]": "MSR defaults + `mode=kernel` (the defaults before 2026-12-07)",
     "batchnorm": "BatchNorm",
     "groupnorm": "GroupNorm",
     "gn_ws": "GroupNorm + WS",
@@ -122,7 +123,8 @@ def _mechanism(path: Path) -> list[str]:
         "the clip's bound (default 0.1); `gain_reparam=1`: every folded scale trained as BatchNorm's gamma, a "
         "trained factor starting at 1 on top of the calibrated scale; `keep_bn=1`: the BatchNorm network kept, "
         "with MSR's zero-mean kernels (the stem free) and nothing else (`calibrate=False, adaptive_clip=None`); "
-        "`mode=filter`: the mean over each whole filter (Gradient Centralization) instead of each kernel; "
+        "`mode=kernel`: the mean over each kernel, the paper's constraint, instead of each whole filter (Gradient "
+        "Centralization's group, the default since 2026-12-07; rows run before then are labelled `mode=kernel`); "
         "`alpha=0`: no projection (the kernels drawn zero-mean, then free); `msr_exclude=<classifier>`: the "
         "classifier not clipped. Below 32 the peers' rows are those of the small-batch sweep above.",
         "",
