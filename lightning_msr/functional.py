@@ -6,23 +6,24 @@ whose weights sum to zero does not pass the spatial *common-mode* (the mean shif
 its output. Three operations make that happen:
 
 * :func:`zero_mean_init_` -- zero-mean initialisation with unit filter magnitude;
-* :func:`project_mean_` -- subtract the (``alpha``-weighted) kernel-wise mean from a gradient (or a
+* :func:`project_mean_` -- subtract the (``alpha``-weighted) kernel-group mean from a gradient (or a
   weight), an orthogonal projection onto the zero-mean subspace when ``alpha == 1``;
 * :func:`mean_shift` -- how far a weight is from the isocline.
 
-Which elements share one mean (the *kernel group*) follows the shape of the weight, as
+Which elements share one mean (the *kernel group*) follows ``mode`` and the shape of the weight, as
 ``(out, in / groups, *kernel)`` for ``nn.ConvNd`` and ``(in, out / groups, *kernel)`` for
 ``nn.ConvTransposeNd``:
 
-* spatial kernels (``prod(kernel) > 1``): the spatial dims ``2..`` of each ``(o, i)`` slice;
-* pointwise kernels (``prod(kernel) == 1``): the input channels of each output filter (dim ``1``, or for
-  a transposed conv the input channels of its group, dim ``0``); a group of a single element cannot be
-  centred and is skipped;
-* 2-D (``nn.Linear``) weights: the inputs of each row (dim ``1``);
-* ``mode="filter"``: all of dims ``1..`` of each output filter -- this is Gradient Centralization
-  (Yong et al. 2020). A ``ConvTransposeNd`` keeps the groups above in this mode too: its output filters run
-  across dim ``1``, so Gradient Centralization's dim-``0`` slices are not filters, and calibration's
-  per-output-channel scales would move them off zero mean; its kernels are zero-mean in both modes.
+* ``mode="filter"`` (the default, as for :class:`~lightning_msr.MSRSettings`): all of dims ``1..`` of each
+  output filter -- this is Gradient Centralization (Yong et al. 2020). A ``ConvTransposeNd`` keeps the
+  kernel-wise groups below in this mode too: its output filters run across dim ``1``, so Gradient
+  Centralization's dim-``0`` slices are not filters, and calibration's per-output-channel scales would move
+  them off zero mean; its kernels are zero-mean in both modes.
+* ``mode="kernel"`` (the paper's): for spatial kernels (``prod(kernel) > 1``) the spatial dims ``2..`` of each
+  ``(o, i)`` slice; for pointwise kernels (``prod(kernel) == 1``) the input channels of each output filter
+  (dim ``1``, or for a transposed conv the input channels of its group, dim ``0``); a group of a single
+  element cannot be centred and is skipped.
+* 2-D (``nn.Linear``) weights: the inputs of each row (dim ``1``), in both modes.
 
 Example::
 
@@ -33,7 +34,10 @@ Example::
     >>> bool(mean_shift(weight) < 1e-6)
     True
     >>> grad = torch.randn(8, 3, 3, 3)
-    >>> _ = project_mean_(grad)
+    >>> _ = project_mean_(grad)  # every filter's mean removed
+    >>> bool(grad.mean(dim=(1, 2, 3)).abs().max() < 1e-6)
+    True
+    >>> _ = project_mean_(grad, mode="kernel")  # every kernel's mean removed
     >>> bool(grad.mean(dim=(2, 3)).abs().max() < 1e-6)
     True
 """
@@ -92,10 +96,10 @@ class KernelGroups(NamedTuple):
     Example::
 
         >>> from lightning_msr.functional import KernelGroups, kernel_groups
-        >>> kernel_groups((16, 8, 3, 3))  # 16 * 8 spatial kernels of 9 weights each
-        KernelGroups(outer=128, size=9, inner=1)
-        >>> kernel_groups((16, 8, 3, 3), mode="filter")
+        >>> kernel_groups((16, 8, 3, 3))  # 16 filters of 72 weights each
         KernelGroups(outer=16, size=72, inner=1)
+        >>> kernel_groups((16, 8, 3, 3), mode="kernel")  # 16 * 8 spatial kernels of 9 weights each
+        KernelGroups(outer=128, size=9, inner=1)
     """
 
     outer: int
@@ -133,7 +137,7 @@ def _groups(
 
 def kernel_groups(
     weight: Union[Tensor, Sequence[int]],
-    mode: Mode = "kernel",
+    mode: Mode = "filter",
     transposed: bool = False,
     groups: int = 1,
     *,
@@ -257,7 +261,7 @@ def project_groups_(tensor: Tensor, layout: KernelGroups, alpha: float = 1.0) ->
         >>> grad = torch.randn(8, 4, 3, 3)
         >>> layout = kernel_groups(grad)
         >>> _ = project_groups_(grad, layout)
-        >>> bool(grad.mean(dim=(2, 3)).abs().max() < 1e-6)
+        >>> bool(grad.mean(dim=(1, 2, 3)).abs().max() < 1e-6)
         True
     """
     local = local_shard(tensor)
@@ -275,7 +279,7 @@ def project_mean_(
     tensors: Union[Tensor, Iterable[Tensor]],
     alpha: float = 1.0,
     *,
-    mode: Mode = "kernel",
+    mode: Mode = "filter",
     transposed: bool = False,
     groups: int = 1,
 ) -> Union[Tensor, list[Tensor]]:
@@ -293,8 +297,9 @@ def project_mean_(
     Args:
         tensors: one tensor or an iterable of tensors shaped like conv (or Linear) weights.
         alpha: fraction of the mean to remove, in ``[0, 1]``.
-        mode: ``"kernel"`` (the paper's per-kernel mean, see the module docstring) or ``"filter"`` (mean
-            over each whole output filter, i.e. Gradient Centralization).
+        mode: ``"filter"`` (the mean over each whole output filter, i.e. Gradient Centralization; the
+            default, as for :class:`~lightning_msr.MSRSettings`) or ``"kernel"`` (the paper's per-kernel mean);
+            see the module docstring.
         transposed: the tensors belong to a ``ConvTransposeNd`` (matters for pointwise kernels and
             ``mode="filter"``, see the module docstring).
         groups: the conv's ``groups`` (matters for transposed pointwise kernels only).
@@ -338,10 +343,11 @@ def project_mean_(
     return items[0] if single else items
 
 
-def mean_shift(weight: Tensor, *, mode: Mode = "kernel", transposed: bool = False, groups: int = 1) -> Tensor:
+def mean_shift(weight: Tensor, *, mode: Mode = "filter", transposed: bool = False, groups: int = 1) -> Tensor:
     """How far ``weight`` is from the zero-mean isocline: the largest |kernel-group mean| over the weight's RMS.
 
-    ``0`` means every kernel is exactly zero-mean; a freshly built ``nn.Conv2d`` gives about ``0.2``-``0.6``.
+    ``0`` means every kernel group (see ``mode``) is exactly zero-mean; a freshly built ``nn.Conv2d`` gives about
+    ``1`` kernel-wise and ``0.05``-``0.5`` filter-wise (less for wider filters, whose means average more weights).
     The value is a float32 scalar tensor on the weight's device (``0`` for an all-zero weight or one whose
     groups cannot be centred). A weight holding a NaN or an infinity gives NaN (or inf), never 0, so a
     diverged model does not look zero-mean. For a sharded weight (an FSDP2 ``DTensor``) it is computed, with
@@ -380,7 +386,7 @@ def mean_shift(weight: Tensor, *, mode: Mode = "kernel", transposed: bool = Fals
 
 def filter_norms(
     weight: Tensor,
-    mode: Mode = "kernel",
+    mode: Mode = "filter",
     transposed: bool = False,
     groups: int = 1,
     dtype: Optional[torch.dtype] = None,
@@ -441,7 +447,7 @@ def to_virtual_(
     norm: Tensor,
     virtual_norm: Tensor,
     *,
-    mode: Mode = "kernel",
+    mode: Mode = "filter",
     transposed: bool = False,
     groups: int = 1,
 ) -> None:
@@ -491,7 +497,7 @@ def to_virtual_(
 
 
 def from_virtual_(
-    weight: Tensor, norm: Tensor, *, mode: Mode = "kernel", transposed: bool = False, groups: int = 1
+    weight: Tensor, norm: Tensor, *, mode: Mode = "filter", transposed: bool = False, groups: int = 1
 ) -> Tensor:
     """After a step of the virtual weight :func:`to_virtual_` made: its filters' norms, and ``weight`` rescaled back
     to ``norm`` in place (filters whose ``norm`` is 0 left as they are). See :func:`to_virtual_`.
@@ -529,7 +535,7 @@ def zero_mean_init_(
     magnitude: float = 1.0,
     generator: Optional[torch.Generator] = None,
     *,
-    mode: Mode = "kernel",
+    mode: Mode = "filter",
     transposed: bool = False,
     groups: int = 1,
 ) -> Tensor:
@@ -564,7 +570,7 @@ def zero_mean_init_(
         >>> w = zero_mean_init_(torch.empty(16, 8, 3, 3), generator=torch.Generator().manual_seed(0))
         >>> torch.allclose(w.flatten(1).norm(dim=1), torch.ones(16))
         True
-        >>> bool(w.mean(dim=(2, 3)).abs().max() < 1e-6)
+        >>> bool(w.mean(dim=(1, 2, 3)).abs().max() < 1e-6)
         True
     """
     magnitude = _check_positive("magnitude", magnitude)
@@ -731,7 +737,7 @@ class KernelBank:
         >>> bank = KernelBank(weights, [kernel_groups(w) for w in weights], offsets=[bias])
         >>> bank.project_and_clip_(alpha=1.0, clip=0.1)
         >>> spatial, pointwise = (w.grad for w in weights)
-        >>> bool(spatial.mean(dim=(2, 3)).abs().max() < 1e-6), bool(pointwise.mean(dim=1).abs().max() < 1e-6)
+        >>> bool(spatial.mean(dim=(1, 2, 3)).abs().max() < 1e-6), bool(pointwise.mean(dim=1).abs().max() < 1e-6)
         (True, True)
         >>> ratio = weights[0].grad.flatten(1).norm(dim=1) / weights[0].flatten(1).norm(dim=1)
         >>> bool(ratio.max() <= 0.1 + 1e-6), bool(bias.grad.abs().max() <= 0.1 + 1e-6)  # a zero bias moves by 0.1

@@ -35,7 +35,7 @@ Example::
     >>> opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
     >>> if fused_unavailable() is None:  # a C compiler is needed
     ...     _ = sgd_step_(opt, [FusedWeight.of(w, clip=0.1)])  # projected and clipped, then SGD's update
-    >>> bool(mean_shift(w) < 1e-6)  # the kernels are still zero-mean
+    >>> bool(mean_shift(w) < 1e-6)  # the filters are still zero-mean
     True
 """
 
@@ -188,7 +188,7 @@ def compile_seconds() -> Optional[float]:
 
 
 def unsupported(
-    tensor: Tensor, *, transposed: bool = False, mode: str = "kernel", keep_magnitude: bool = False
+    tensor: Tensor, *, transposed: bool = False, mode: str = "filter", keep_magnitude: bool = False
 ) -> Optional[str]:
     """Why ``tensor`` (a weight, or its gradient) cannot take the fused kernel, or ``None`` if it can.
 
@@ -244,10 +244,10 @@ class FusedWeight:
 
         >>> import torch
         >>> from lightning_msr.fused import FusedWeight
-        >>> FusedWeight.of(torch.nn.Parameter(torch.zeros(8, 4, 3, 3))).group
+        >>> FusedWeight.of(torch.nn.Parameter(torch.zeros(8, 4, 3, 3))).group  # the whole filter
+        36
+        >>> FusedWeight.of(torch.nn.Parameter(torch.zeros(8, 4, 3, 3)), mode="kernel").group  # each spatial kernel
         9
-        >>> FusedWeight.of(torch.nn.Parameter(torch.zeros(8, 4, 1, 1))).group  # pointwise: the whole filter
-        4
     """
 
     parameter: Tensor
@@ -273,7 +273,7 @@ class FusedWeight:
         cls,
         parameter: Tensor,
         *,
-        mode: str = "kernel",
+        mode: str = "filter",
         transposed: bool = False,
         groups: int = 1,
         alpha: float = 1.0,

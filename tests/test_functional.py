@@ -9,6 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from helpers import DEFAULT_MODE
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -27,11 +28,13 @@ from lightning_msr.functional import (
 )
 
 
-def reference_group_mean(weight: torch.Tensor, transposed: bool = False, groups: int = 1) -> torch.Tensor:
+def reference_group_mean(
+    weight: torch.Tensor, transposed: bool = False, groups: int = 1, mode: str = "kernel"
+) -> torch.Tensor:
     """Independent reference of DESIGN.md's group rule, written with explicit loops over the groups."""
     w = weight.double()
     out = torch.empty_like(w)
-    if w.dim() == 2:
+    if w.dim() == 2 or (mode == "filter" and not transposed):  # a Linear row, or a whole filter
         for o in range(w.shape[0]):
             out[o] = w[o].mean()
         return out
@@ -78,21 +81,22 @@ def conv_weights(draw):
     return weight, transposed, groups
 
 
-def _centrable(weight, transposed, groups):
-    if weight.dim() == 2:
-        return weight.shape[1] > 1
+def _centrable(weight, transposed, groups, mode):
+    if weight.dim() == 2 or (mode == "filter" and not transposed):
+        return math.prod(weight.shape[1:]) > 1
     if math.prod(weight.shape[2:]) > 1:
         return True
     return (weight.shape[0] // groups if transposed else weight.shape[1]) > 1
 
 
+@pytest.mark.parametrize("mode", ["kernel", "filter"])
 @settings(max_examples=150, deadline=None)
-@given(conv_weights(), st.floats(0.0, 1.0))
-def test_projection_properties(case, alpha):
+@given(case=conv_weights(), alpha=st.floats(0.0, 1.0))
+def test_projection_properties(case, alpha, mode):
     weight, transposed, groups = case
-    if not _centrable(weight, transposed, groups):
+    if not _centrable(weight, transposed, groups, mode):
         return
-    kw = {"transposed": transposed, "groups": groups}
+    kw = {"transposed": transposed, "groups": groups, "mode": mode}
     g = weight.clone()
     p = project_mean_(g.clone(), 1.0, **kw)
     # removes the group means to float precision
@@ -108,20 +112,19 @@ def test_projection_properties(case, alpha):
     torch.testing.assert_close(g - pa, alpha * (g - p))
 
 
+@pytest.mark.parametrize("mode", ["kernel", "filter"])
 @settings(max_examples=100, deadline=None)
-@given(conv_weights(), st.floats(0.1, 5.0))
-def test_zero_mean_init_properties(case, magnitude):
+@given(case=conv_weights(), magnitude=st.floats(0.1, 5.0))
+def test_zero_mean_init_properties(case, magnitude, mode):
     weight, transposed, groups = case
-    if not _centrable(weight, transposed, groups):
+    if not _centrable(weight, transposed, groups, mode):
         return
-    kw = {"transposed": transposed, "groups": groups}
+    kw = {"transposed": transposed, "groups": groups, "mode": mode}
     w = zero_mean_init_(torch.empty_like(weight), magnitude, torch.Generator().manual_seed(1), **kw)
     assert reference_group_mean(w, **kw).abs().max() < 1e-12
     if transposed and w.dim() > 2:
         per = w.shape[0] // groups
-        norms = torch.stack(
-            [w[g * per : (g + 1) * per, j].norm() for g in range(groups) for j in range(w.shape[1])]
-        )
+        norms = torch.stack([w[g * per : (g + 1) * per, j].norm() for g in range(groups) for j in range(w.shape[1])])
     else:
         norms = w.flatten(1).norm(dim=1)
     torch.testing.assert_close(norms, torch.full_like(norms, magnitude))
@@ -150,14 +153,29 @@ def test_zero_mean_init_keeps_dtype_and_works_in_low_precision():
     assert float(mean_shift(w)) < 1e-2  # bf16 rounding of the centred values
 
 
+# the dims one mean runs over, for a non-transposed spatial conv weight
+MODE_DIMS = {"kernel": (2, 3), "filter": (1, 2, 3)}
+
+
+@pytest.mark.parametrize("mode", ["kernel", "filter"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_projection_uses_float32_mean(dtype):
+def test_low_precision_projection_uses_float32_mean(dtype, mode):
+    dims = MODE_DIMS[mode]
     g = (torch.randn(16, 8, 3, 3) + 3.0).to(dtype)
-    expected = g.float() - g.float().mean(dim=(2, 3), keepdim=True)
-    project_mean_(g)
+    expected = g.float() - g.float().mean(dim=dims, keepdim=True)
+    project_mean_(g, mode=mode)
     assert g.dtype == dtype
     torch.testing.assert_close(g.float(), expected, atol=2e-2, rtol=1e-2)
-    assert g.float().mean(dim=(2, 3)).abs().max() < 2e-2
+    assert g.float().mean(dim=dims).abs().max() < 2e-2
+
+
+def test_the_default_mode_is_the_callbacks():
+    """A plain loop calling the functions with their defaults does what MeanShiftRejection() does."""
+    g = torch.randn(6, 5, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(project_mean_(g.clone()), project_mean_(g.clone(), mode=DEFAULT_MODE))
+    assert kernel_groups(g) == kernel_groups(g, DEFAULT_MODE)
+    w = zero_mean_init_(torch.empty(6, 5, 3, 3), generator=torch.Generator().manual_seed(0))
+    assert float(mean_shift(w, mode=DEFAULT_MODE)) < 1e-6
 
 
 def test_filter_mode_equals_gradient_centralization():
@@ -184,24 +202,28 @@ def test_a_conv_transpose_keeps_its_kernels_groups_in_filter_mode(kernel):
     assert float(mean_shift(centred, mode="filter", **kw)) < 1e-6  # float32, as mean_shift computes
 
 
-def test_projection_of_channels_last_and_non_contiguous_tensors():
+@pytest.mark.parametrize("mode", ["kernel", "filter"])
+def test_projection_of_channels_last_and_non_contiguous_tensors(mode):
+    dims = MODE_DIMS[mode]
     g = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
-    expected = g - g.mean(dim=(2, 3), keepdim=True)
-    project_mean_(g)
+    expected = g - g.mean(dim=dims, keepdim=True)
+    project_mean_(g, mode=mode)
     assert g.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(g, expected)
     base = torch.randn(8, 8, 3, 3)
     view = base[:, ::2]  # non-contiguous view: projected in place through the view
-    expected = view - view.mean(dim=(2, 3), keepdim=True)
-    project_mean_(view)
+    expected = view - view.mean(dim=dims, keepdim=True)
+    project_mean_(view, mode=mode)
     torch.testing.assert_close(base[:, ::2], expected)
 
 
-def test_projection_of_a_list_and_alpha_zero():
+@pytest.mark.parametrize("mode", ["kernel", "filter"])
+def test_projection_of_a_list_and_alpha_zero(mode):
     a, b = torch.randn(4, 2, 3), torch.randn(3, 3, 2, 2)
-    out = project_mean_([a, b])
+    out = project_mean_([a, b], mode=mode)
     assert isinstance(out, list) and out[0] is a and out[1] is b
-    assert a.mean(dim=2).abs().max() < 1e-6 and b.mean(dim=(2, 3)).abs().max() < 1e-6
+    a_dims, b_dims = ((2,), (2, 3)) if mode == "kernel" else ((1, 2), (1, 2, 3))
+    assert a.mean(dim=a_dims).abs().max() < 1e-6 and b.mean(dim=b_dims).abs().max() < 1e-6
     c = torch.randn(4, 2, 3)
     before = c.clone()
     project_mean_(c, alpha=0.0)

@@ -9,6 +9,10 @@ Right: a kernel that starts zero-mean does not stay zero-mean under plain SGD, b
 common-mode part of their own; Mean Shift Rejection projects it out before every step. Trained on
 scikit-learn's digits with the SmallCNN of the examples (no normalisation layer), SGD with momentum.
 
+Both panels use the paper's kernel-wise groups (``mode="kernel"``): after a ReLU every channel carries its own
+offset, which only zero-mean kernels reject; zero-mean filters (the callback's default ``mode="filter"``) reject
+the part common to all input channels.
+
 Run from the repository root (about half a minute on a CPU)::
 
     python docs/scripts/common_mode_figure.py
@@ -48,7 +52,7 @@ def offset_leak(zero_mean: bool, depth: int = 8, channels: int = 16, seed: int =
     if zero_mean:
         generator = torch.Generator().manual_seed(seed)
         for conv in layers:
-            zero_mean_init_(conv.weight, magnitude=2**0.5, generator=generator)
+            zero_mean_init_(conv.weight, magnitude=2**0.5, generator=generator, mode="kernel")
     x = torch.randn(4, 1, 32, 32)
     a, b, leaks = x, x + 1.0, []
     with torch.no_grad():
@@ -67,7 +71,7 @@ def kernel_drift(project: bool, steps: int = 300, seed: int = 0) -> list[float]:
     weights = [w.parameter for w in eligible_weights(model)]
     generator = torch.Generator().manual_seed(seed)
     for w in weights:
-        zero_mean_init_(w, generator=generator)
+        zero_mean_init_(w, generator=generator, mode="kernel")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     shifts, step = [], 0
     while step < steps:
@@ -75,9 +79,9 @@ def kernel_drift(project: bool, steps: int = 300, seed: int = 0) -> list[float]:
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             if project:
-                project_mean_([w.grad for w in weights])
+                project_mean_([w.grad for w in weights], mode="kernel")
             optimizer.step()
-            shifts.append(max(float(mean_shift(w)) for w in weights))
+            shifts.append(max(float(mean_shift(w, mode="kernel")) for w in weights))
             step += 1
             if step == steps:
                 break
