@@ -570,6 +570,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
     "norm": str,
     "wd": float,
     "momentum": float,
+    "nesterov": lambda v: _flag("nesterov", v),
     "keep_magnitude": lambda v: _flag("keep_magnitude", v),
     "lsuv": float,
     "conv_lr": float,
@@ -667,7 +668,8 @@ def build(spec: MethodSpec, task: Task, seed: int, arch: str = "vgg") -> tuple[n
     if spec.options.get("lsuv"):
         _lsuv(model, task, seed, spec.options.get("init_magnitude", 1.0), int(spec.options["lsuv"]))
     overrides = {
-        k: spec.options[k] for k in ("warmup", "wd", "momentum", "conv_lr", "clip", "unit_clip") if k in spec.options
+        k: spec.options[k] for k in ("warmup", "wd", "momentum", "nesterov", "conv_lr", "clip", "unit_clip")
+        if k in spec.options
     }
     return model, callbacks, overrides
 

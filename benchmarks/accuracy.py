@@ -94,6 +94,7 @@ class Classifier(L.LightningModule):
         total_steps: int,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
+        nesterov: bool = False,
         warmup: float = 0.0,
         conv_lr: float = 1.0,
         augment: int = 0,
@@ -108,6 +109,7 @@ class Classifier(L.LightningModule):
         self.augment = augment
         self._aug_gen = torch.Generator().manual_seed(seed)
         self.lr, self.total_steps, self.momentum, self.weight_decay = lr, total_steps, momentum, weight_decay
+        self.nesterov = nesterov
         self.warmup_steps = round(warmup * total_steps)
         self.conv_lr = conv_lr
         self.diverged = False
@@ -160,7 +162,9 @@ class Classifier(L.LightningModule):
         ids = {id(p) for p in conv}
         rest = [p for p in self.parameters() if id(p) not in ids]
         groups = [{"params": rest}, {"params": conv, "lr": self.lr * self.conv_lr}]
-        opt = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(
+            groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov
+        )
         warm, total = self.warmup_steps, max(self.total_steps, 1)
 
         def factor(step: int) -> float:
@@ -217,6 +221,7 @@ def run_one(
         total,
         momentum=overrides.get("momentum", 0.9),
         weight_decay=overrides.get("wd", 5e-4),
+        nesterov=overrides.get("nesterov", False),
         warmup=overrides.get("warmup", 0.0),
         conv_lr=overrides.get("conv_lr", 1.0),
         augment=task.augment,
@@ -537,7 +542,8 @@ def _protocol(rows: list[dict]) -> list[str]:
         "Trainer's `gradient_clip_val` (norm); `unit_clip`: NFNets' unit-wise adaptive gradient clipping with "
         "this factor (every parameter but the classifier's; Brock et al. 2021), `filter_clip` the same on the "
         "filters only (weights of 2 or more dims); `conv_lr`: LR multiplier of "
-        "the conv weights (a second param group); `wd`, `momentum`: SGD's; `lsuv`: after zero-mean init, "
+        "the conv weights (a second param group); `wd`, `momentum`, `nesterov` (1: on): SGD's; `lsuv`: after "
+        "zero-mean init, "
         "scale each conv so that its output has unit RMS on 256 training images (1: per layer, 2: per filter; "
         "data-dependent, LSUV-like)).",
         "",

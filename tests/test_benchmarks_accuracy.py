@@ -419,6 +419,19 @@ def test_unit_clip_and_the_calibration_options_reach_the_run():
     assert torch.equal(head.weight.grad, torch.full_like(head.weight, 100.0))
 
 
+def test_nesterov_option_reaches_the_optimizer():
+    models, accuracy = _bench_modules()
+    task = models.load_digits_task(max_train=64)
+    for name, expected in (("batchnorm[nesterov=1,warmup=0.3]", True), ("batchnorm", False)):
+        model, _, overrides = models.build(models.parse_method(name), task, seed=0)
+        module = accuracy.Classifier(
+            model, lr=0.1, total_steps=10, nesterov=overrides.get("nesterov", False), warmup=overrides.get("warmup", 0)
+        )
+        optimizer = module.configure_optimizers()["optimizer"]
+        assert all(group["nesterov"] is expected for group in optimizer.param_groups)
+        assert module.warmup_steps == (3 if expected else 0)
+
+
 def test_deep_control_option_trains_the_users_path_deep_control_then_msr():
     """`deep_control=1`: `DeepControl()` goes first, on the BatchNorm network, so the trained network has Deep
     Control's gain controls where BatchNorm was and MSR's folded scales; anything but a BatchNorm network refuses."""
