@@ -88,8 +88,9 @@ def _name(method: str) -> str:
         return NAMES[method]
     base, _, options = method.partition("[")
     if "keep_bn=1" in options:  # BatchNorm kept: MSR's zero-mean constraint is the only change
-        rest = ",".join(o for o in options[:-1].split(",") if o != "keep_bn=1")
-        return "BatchNorm + zero-mean kernels (`keep_bn=1`" + (f", `{rest}`)" if rest else ")")
+        rest = [o for o in options[:-1].split(",") if o != "keep_bn=1"]
+        held = "kernels" if "mode=kernel" in rest else "filters"  # the filter-wise default since 2026-12-07
+        return f"BatchNorm + zero-mean {held} (`keep_bn=1`" + (f", `{','.join(rest)}`)" if rest else ")")
     return f"{NAMES.get(base, base)} + `{options[:-1]}`" if options else method
 
 
@@ -122,11 +123,15 @@ def _mechanism(path: Path) -> list[str]:
         "BatchNorm network, the user's path to the gain control the Deep Control row builds in; `adaptive_clip`: "
         "the clip's bound (default 0.1); `gain_reparam=1`: every folded scale trained as BatchNorm's gamma, a "
         "trained factor starting at 1 on top of the calibrated scale; `keep_bn=1`: the BatchNorm network kept, "
-        "with MSR's zero-mean kernels (the stem free) and nothing else (`calibrate=False, adaptive_clip=None`); "
+        "with MSR's zero-mean filters (kernels with `mode=kernel`; the stem free) and nothing else "
+        "(`calibrate=False, adaptive_clip=None`); "
         "`mode=kernel`: the mean over each kernel, the paper's constraint, instead of each whole filter (Gradient "
         "Centralization's group, the default since 2026-12-07; rows run before then are labelled `mode=kernel`); "
         "`alpha=0`: no projection (the kernels drawn zero-mean, then free); `msr_exclude=<classifier>`: the "
-        "classifier not clipped. Below 32 the peers' rows are those of the small-batch sweep above.",
+        "classifier not clipped; `wd`: SGD's weight decay (5e-4 otherwise); `nesterov=1,warmup=0.3`: a second "
+        "training recipe, not used to choose the defaults -- Nesterov momentum and a linear warm-up over the first "
+        "30 % of the steps before the cosine decay (one-cycle-like). Below 32 the peers' rows are those of the "
+        "small-batch sweep above.",
         "",
     ]
     for (arch, n, epochs, batch), rows in sorted(tasks.items(), key=lambda item: (-item[0][3], item[0][0])):
