@@ -170,12 +170,24 @@ def test_low_precision_projection_uses_float32_mean(dtype, mode):
 
 
 def test_the_default_mode_is_the_callbacks():
-    """A plain loop calling the functions with their defaults does what MeanShiftRejection() does."""
+    """A plain loop calling the functions with their defaults does what MeanShiftRejection() does: every public
+    function of `functional` and `fused` that takes a `mode` defaults to the callback's."""
+    import inspect
+
+    import lightning_msr.functional as functional
+    import lightning_msr.fused as fused
+
+    found = {}
+    for module in (functional, fused):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            for fn_name, fn in [(name, obj)] + [(f"{name}.{m}", getattr(obj, m)) for m in ("of",) if hasattr(obj, m)]:
+                if callable(fn) and not inspect.isclass(fn) and "mode" in inspect.signature(fn).parameters:
+                    found[fn_name] = inspect.signature(fn).parameters["mode"].default
+    assert {"project_mean_", "mean_shift", "zero_mean_init_", "kernel_groups", "FusedWeight.of"} <= set(found)
+    assert found == dict.fromkeys(found, DEFAULT_MODE)
     g = torch.randn(6, 5, 3, 3, dtype=torch.float64)
     torch.testing.assert_close(project_mean_(g.clone()), project_mean_(g.clone(), mode=DEFAULT_MODE))
-    assert kernel_groups(g) == kernel_groups(g, DEFAULT_MODE)
-    w = zero_mean_init_(torch.empty(6, 5, 3, 3), generator=torch.Generator().manual_seed(0))
-    assert float(mean_shift(w, mode=DEFAULT_MODE)) < 1e-6
 
 
 def test_filter_mode_equals_gradient_centralization():
