@@ -83,7 +83,7 @@ __all__ = [
 ]
 
 Mode = Literal["kernel", "filter"]
-_MODES = ("kernel", "filter")
+MODES: tuple[str, ...] = ("kernel", "filter")  # the allowed `mode` values; the settings and `fused` check these
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -323,7 +323,7 @@ def project_mean_(
                   [ 1.5000,  4.5000]]]])
     """
     alpha = _check_in_range("alpha", alpha, 0.0, 1.0)
-    _check_choice("mode", mode, _MODES)
+    _check_choice("mode", mode, MODES)
     single = isinstance(tensors, Tensor)
     items = [tensors] if single else list(tensors)
     for tensor in items:
@@ -369,7 +369,7 @@ def mean_shift(weight: Tensor, *, mode: Mode = "filter", transposed: bool = Fals
         >>> float(mean_shift(w - 1.0))
         0.0
     """
-    _check_choice("mode", mode, _MODES)
+    _check_choice("mode", mode, MODES)
     layout = kernel_groups(weight, mode, transposed, groups)
     with torch.no_grad():
         w = local_shard(weight.detach()).float()
@@ -574,7 +574,7 @@ def zero_mean_init_(
         True
     """
     magnitude = _check_positive("magnitude", magnitude)
-    _check_choice("mode", mode, _MODES)
+    _check_choice("mode", mode, MODES)
     layout = _groups(weight.shape, mode, transposed, groups)
     if layout is None:
         _warn_once(

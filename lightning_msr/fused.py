@@ -62,7 +62,7 @@ from torch import Tensor
 from lightning_msr._checks import _check_choice, _check_in_range, _check_positive
 from lightning_msr._sharding import is_sharded
 from lightning_msr.exceptions import MSRConfigurationError
-from lightning_msr.functional import kernel_groups
+from lightning_msr.functional import MODES, kernel_groups
 
 __all__ = [
     "FusedWeight",
@@ -288,7 +288,7 @@ class FusedWeight:
         Raises:
             MSRConfigurationError: if ``parameter`` cannot take the fused kernel, or an argument is out of range.
         """
-        _check_choice("mode", mode, ("kernel", "filter"))
+        _check_choice("mode", mode, MODES)
         alpha = _check_in_range("alpha", alpha, 0.0, 1.0)
         eps = _check_positive("eps", eps)
         if clip is not None:

@@ -23,13 +23,13 @@ from lightning_msr._checks import (
     _check_seed,
 )
 from lightning_msr.exceptions import MSRConfigurationError
+from lightning_msr.functional import MODES
 
 __all__ = ["MSRSettings"]
 
 INITS = ("zero_mean", "center", "none")
 BATCHNORM = ("error", "warn", "replace", "affine")
 TIMINGS = ("auto", "backward", "optimizer_step")
-MODES = ("kernel", "filter")
 IMPLEMENTATIONS = ("auto", "fused", "grouped", "eager")
 # Optimizers whose update is linear in the gradient (given their buffers): a zero-mean gradient gives a
 # zero-mean update, so the weights stay on the isocline with no re-centring.
