@@ -204,9 +204,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def run_one(
-    task: Any, method: str, batch_size: int, lr: float, seed: int, epochs: int, progress: bool, arch: str = "vgg"
+    task: Any,
+    method: str,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    epochs: int,
+    progress: bool,
+    arch: str = "vgg",
+    observers: tuple[L.Callback, ...] = (),
 ) -> dict:
-    """Train one configuration and return its CSV row."""
+    """Train one configuration and return its CSV row. ``observers``: callbacks that only watch the run (e.g.
+    ``dynamics.py``'s trace); they are not part of the method and not named in the row."""
     spec = parse_method(method)
     L.seed_everything(seed, workers=False, verbose=False)
     model, callbacks, overrides = build(spec, task, seed, arch)
@@ -234,7 +243,7 @@ def run_one(
         devices=1,
         max_epochs=epochs,
         logger=False,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *observers],
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,

@@ -1,0 +1,318 @@
+"""Training dynamics, traced step by step: what BatchNorm holds during training that MSR does not (issue 26).
+
+Every configuration (method, learning rate, seed) is one run of ``accuracy.py``'s protocol (same task, network,
+optimizer and schedule) with a :class:`Trace` callback that only watches. Every ``--every`` optimizer steps it
+records, from that step's training batch:
+
+* ``loss``: the training loss;
+* ``dead``: the share of ReLU channels with no positive output anywhere in the batch (a dead channel passes no
+  signal and gets no gradient), and ``dead_max`` for the worst ReLU layer;
+* ``last_rms``: the RMS of the last ReLU's output, and ``feature_rms`` of the classifier's input;
+* ``logit_std``: the standard deviation of the logits;
+* ``filter_norm``: the conv filters' norms relative to the start of training (mean over filters and layers).
+
+All of them are of the weights the step's forward pass used, before its update.
+
+BatchNorm re-centres and re-scales every channel on every batch, so its ``dead`` stays at 0 and its ``last_rms``
+near its affine scale; a network without normalisation has only its parameters to hold them. The traces are
+appended to ``--csv`` as each run finishes (an interrupted sweep resumes), and the Markdown table and plot are
+rewritten from the whole CSV::
+
+    python benchmarks/dynamics.py --dataset fashion_mnist --arch resnet8 --train-size 20000 \\
+        --methods batchnorm msr_replace_noise --lrs 0.1 0.4
+    python benchmarks/dynamics.py --tiny --out /tmp/dyn      # seconds: shows the script works
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accuracy
+from _accuracy_models import ARCHS, DEFAULT_CACHE_DIR, TASKS, parse_method
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = [
+    "dataset",
+    "arch",
+    "method",
+    "batch_size",
+    "lr",
+    "seed",
+    "test_acc",
+    "step",
+    "loss",
+    "dead",
+    "dead_max",
+    "last_rms",
+    "feature_rms",
+    "logit_std",
+    "filter_norm",
+]
+
+
+def dead_share(output: torch.Tensor) -> float:
+    """The share of channels (dim 1) of a ReLU's ``output`` that are zero for every sample and position.
+
+    Example::
+
+        >>> x = torch.tensor([[[1.0], [0.0], [0.0]], [[0.0], [0.0], [2.0]]])  # 2 samples, 3 channels
+        >>> round(dead_share(torch.relu(x)), 3)
+        0.333
+    """
+    dims = [d for d in range(output.dim()) if d != 1]
+    return float((output.detach().amax(dim=dims) <= 0).float().mean())
+
+
+class Trace(L.Callback):
+    """Records the quantities of the module docstring every ``every`` steps (and at the first) into ``rows``."""
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = every
+        self.rows: list[dict[str, float]] = []
+        self._armed = False
+        self._step = 0
+        self._filter_norm = math.nan
+        self._dead: list[float] = []
+        self._last_rms = math.nan
+        self._feature_rms = math.nan
+        self._logit_std = math.nan
+        self._start: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for module in pl_module.modules():
+            if isinstance(module, nn.ReLU):
+                self._handles.append(module.register_forward_hook(self._relu))
+        linears = [m for m in pl_module.modules() if isinstance(m, nn.Linear)]
+        if linears:
+            self._handles.append(linears[-1].register_forward_hook(self._head))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _relu(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        if self._armed:
+            self._dead.append(dead_share(output))
+            self._last_rms = float(output.detach().pow(2).mean().sqrt())
+
+    def _head(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        if self._armed:
+            self._feature_rms = float(args[0].detach().pow(2).mean().sqrt())
+            self._logit_std = float(output.detach().std())
+
+    def _filters(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        return {
+            name: p.detach().flatten(1).norm(dim=1).clone() for name, p in pl_module.named_parameters() if p.dim() == 4
+        }
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self._armed = trainer.global_step % self.every == 0
+        self._step = trainer.global_step
+        self._dead = []
+        if not self._start:
+            self._start = self._filters(pl_module)
+        if self._armed:  # the weights this batch's forward pass uses
+            now = self._filters(pl_module)
+            ratios = [float((now[n] / self._start[n].clamp_min(1e-12)).mean()) for n in now if n in self._start]
+            self._filter_norm = sum(ratios) / len(ratios) if ratios else math.nan
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if not self._armed:
+            return
+        self._armed = False
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.rows.append(
+            {
+                "step": self._step,
+                "loss": float(loss) if loss is not None else math.nan,
+                "dead": sum(self._dead) / len(self._dead) if self._dead else math.nan,
+                "dead_max": max(self._dead) if self._dead else math.nan,
+                "last_rms": self._last_rms,
+                "feature_rms": self._feature_rms,
+                "logit_std": self._logit_std,
+                "filter_norm": self._filter_norm,
+            }
+        )
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_key(row: dict) -> tuple:
+    return (row["dataset"], row["arch"], row["method"], int(row["batch_size"]), float(row["lr"]), int(row["seed"]))
+
+
+def trace_run(task: Any, arch: str, method: str, batch: int, lr: float, seed: int, epochs: int, every: int) -> list:
+    """One run with a :class:`Trace`; its rows, each with the run's test accuracy."""
+    trace = Trace(every)
+    result = accuracy.run_one(task, method, batch, lr, seed, epochs, False, arch=arch, observers=(trace,))
+    keys = dict(
+        dataset=task.name, arch=arch, method=method, batch_size=batch, lr=lr, seed=seed, test_acc=result["test_acc"]
+    )
+    return [{**keys, **{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}} for r in trace.rows]
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    runs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(run_key(r), []).append(r)
+    out = []
+    for key, trace in sorted(runs.items()):
+        trace.sort(key=lambda r: int(r["step"]))
+
+        def col(name: str, trace: list = trace) -> list[float]:
+            return [float(r[name]) for r in trace if r[name] not in ("", "nan") and math.isfinite(float(r[name]))]
+
+        end = trace[-max(1, len(trace) // 10) :]  # the last tenth of the run
+        out.append(
+            {
+                "key": key,
+                "acc": float(trace[0]["test_acc"]),
+                "dead_end": sum(float(r["dead"]) for r in end) / len(end),
+                "dead_peak": max(col("dead"), default=math.nan),
+                "feature_start": (col("feature_rms") or [math.nan])[0],
+                "feature_end": sum(float(r["feature_rms"]) for r in end) / len(end),
+                "feature_peak": max(col("feature_rms"), default=math.nan),
+                "logit_peak": max(col("logit_std"), default=math.nan),
+                "loss_peak": max(col("loss"), default=math.nan),
+                "filter_end": sum(float(r["filter_norm"]) for r in end) / len(end),
+            }
+        )
+    return out
+
+
+def write_report(rows: list[dict], out: Path) -> None:
+    """``dynamics.md`` (one line per run) and ``dynamics.png`` (the traces) from the CSV rows."""
+    lines = [
+        "# Training dynamics: dead channels and the signal's scale, step by step",
+        "",
+        "Written by `benchmarks/dynamics.py` (its docstring defines every column). `dead`: share of ReLU channels",
+        "with no positive output in the batch, at the end (mean of the last tenth of the run) and at its peak;",
+        "`classifier input RMS`: at the first step, at the end and at its peak; `filter norm`: at the end,",
+        "relative to the start.",
+        "",
+        "![dead channels, classifier input RMS and training loss per step](dynamics.png)",
+        "",
+        "| dataset | arch | method | batch | lr | seed | test acc | dead end / peak | classifier input RMS "
+        "start / end / peak | logit std peak | loss peak | filter norm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in _summary(rows):
+        ds, arch, method, batch, lr, seed = s["key"]
+        lines.append(
+            f"| {ds} | {arch} | {method} | {batch} | {lr:g} | {seed} | {100 * s['acc']:.1f} | "
+            f"{s['dead_end']:.2f} / {s['dead_peak']:.2f} | {s['feature_start']:.2g} / {s['feature_end']:.2g} / "
+            f"{s['feature_peak']:.2g} | {s['logit_peak']:.3g} | {s['loss_peak']:.3g} | {s['filter_end']:.2f} |"
+        )
+    (out / "dynamics.md").write_text("\n".join(lines) + "\n")
+    _plot(rows, out / "dynamics.png")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(run_key(r), []).append(r)
+    panels = [
+        ("dead", "dead ReLU channels (share)"),
+        ("feature_rms", "classifier input RMS"),
+        ("loss", "training loss"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for (_ds, _arch, method, _batch, lr, seed), trace in sorted(runs.items()):
+        trace.sort(key=lambda r: int(r["step"]))
+        steps = [int(r["step"]) for r in trace]
+        style = "-" if method.startswith("batchnorm") else "--"
+        for ax, (name, _) in zip(axes, panels):
+            ax.plot(steps, [float(r[name]) for r in trace], style, label=f"{method} lr {lr:g} s{seed}")
+    for ax, (name, title) in zip(axes, panels):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if name != "dead":
+            ax.set_yscale("log")
+    axes[-1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=["batchnorm", "msr_replace_noise"])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[0.1, 0.4])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--every", type=int, default=10, help="trace every this many optimizer steps")
+    parser.add_argument("--dataset", choices=sorted(TASKS), default="fashion_mnist")
+    parser.add_argument("--arch", choices=ARCHS, default="resnet8")
+    parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST: folder with the idx files")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--train-size", type=int, default=20000)
+    parser.add_argument("--test-size", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks")
+    parser.add_argument("--csv", type=Path, default=None, help="trace file (default: OUT/dynamics.csv)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on digits (tests use it)")
+    args = parser.parse_args(argv)
+    args.download = False
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_msr"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    for method in args.methods:
+        parse_method(method)  # a typo fails before any run
+    if args.tiny:
+        args.dataset, args.epochs, args.every = "digits", 1, 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.csv or args.out / "dynamics.csv"
+    task = accuracy.load_task(args.dataset, args, 64 if args.tiny else None)
+    done = {run_key(r) for r in read_rows(path)}
+    for seed in args.seeds:
+        for method in args.methods:
+            for lr in args.lrs:
+                key = (task.name, args.arch, method, args.batch_size, lr, seed)
+                if key in done:
+                    continue
+                rows = trace_run(task, args.arch, method, args.batch_size, lr, seed, args.epochs, args.every)
+                new = not path.exists()
+                with path.open("a", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=FIELDS)
+                    if new:
+                        writer.writeheader()
+                    writer.writerows(rows)
+                print(f"{method} lr {lr:g} seed {seed}: test acc {rows[0]['test_acc'] if rows else 'n/a'}", flush=True)
+    write_report(read_rows(path), args.out)
+    print(f"wrote {args.out / 'dynamics.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
