@@ -31,11 +31,34 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _accuracy_models import choose_lr
 
-ARCH_NAMES = {"resnet20": "ResNet-20", "vgg": "VGG (the small VGG of `--arch vgg`)"}
+ARCH_NAMES = {
+    "resnet8": "ResNet-8 (one block per stage)",
+    "resnet20": "ResNet-20",
+    "vgg": "VGG (the small VGG of `--arch vgg`)",
+}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
-ORDER = ("msr_replace_noise", "msr_replace_noise[mode=kernel]", "batchnorm", "groupnorm", "gn_ws", "frn")
+ORDER = (
+    "msr_replace_noise",
+    "msr_replace_noise[residual_scale=1]",
+    "msr_replace_noise[mode=kernel]",
+    "batchnorm",
+    "groupnorm",
+    "gn_ws",
+    "frn",
+)
+# the small-batch sweeps' command lines: methods, batch sizes, learning rates (for batch 32)
+SMALL_SWEEPS = {
+    "resnet20": ("msr_replace_noise batchnorm groupnorm gn_ws frn", "8 4 2", "0.0125 0.025 0.05 0.1 0.2 0.4"),
+    "vgg": ("msr_replace_noise batchnorm groupnorm gn_ws frn", "8 4 2", "0.0125 0.025 0.05 0.1 0.2 0.4"),
+    "resnet8": (
+        '"msr_replace_noise" "msr_replace_noise[residual_scale=1]" batchnorm groupnorm gn_ws',
+        "8 2",
+        "0.00625 0.0125 0.025 0.05 0.1",
+    ),
+}
 NAMES = {
     "msr_replace_noise": "MSR defaults",
+    "msr_replace_noise[residual_scale=1]": "MSR defaults + `residual_scale=1`",
     "msr_replace_noise[mode=kernel]": "MSR defaults + `mode=kernel` (the defaults before 2026-12-07)",
     "batchnorm": "BatchNorm",
     "groupnorm": "GroupNorm",
@@ -206,22 +229,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     small_path = args.csv_dir / "smallbatch.csv"
     if small_path.exists():
         runs = best_by_setting(small_path)
-        archs = [a for a in ("resnet20", "vgg") if any(key[0] == a for key in runs)]
+        archs = [a for a in ("resnet8", "resnet20", "vgg") if any(key[0] == a for key in runs)]
         for arch in archs:
             batches = sorted({b for a, b, _ in runs if a == arch}, reverse=True)
+            methods, sizes, lrs = SMALL_SWEEPS.get(arch, SMALL_SWEEPS["resnet20"])
             lines += [
                 f"## Small batches: 5 000 images, 2 epochs, {ARCH_NAMES[arch]}",
                 "",
                 f"`python benchmarks/accuracy.py --dataset fashion_mnist --arch {arch} --train-size 5000 "
-                "--test-size 5000 --methods msr_replace_noise batchnorm groupnorm gn_ws frn --batch-sizes 8 4 2 "
-                "--lrs 0.0125 0.025 0.05 0.1 0.2 0.4 --seeds 0 --best-lr-seeds 1 --epochs 2 --csv "
-                "docs/benchmarks/smallbatch.csv` (learning rates given for batch 32, scaled by sqrt(batch / 32)).",
+                f"--test-size 5000 --methods {methods} --batch-sizes {sizes} --lrs {lrs} --seeds 0 --best-lr-seeds 1 "
+                "--epochs 2 --csv docs/benchmarks/smallbatch.csv` (learning rates given for batch 32, scaled by "
+                "sqrt(batch / 32)).",
                 "",
                 "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
                 "|---|" + "---|" * len(batches),
             ]
             grid = max(len(e["sweep"]) for key, e in runs.items() if key[0] == arch)
             for method in ORDER:
+                if not any((arch, b, method) in runs for b in batches):
+                    continue
                 cells = [_cell(runs.get((arch, b, method)), grid) for b in batches]
                 lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
             lines += ["", "Every learning rate (mean, seeds; a diverged run counts as chance, about 10 %):", ""]
