@@ -118,11 +118,12 @@ def _name(method: str) -> str:
 
 
 def _cell(entry: Optional[dict], grid: int = 0) -> str:
-    """The best LR's accuracy; ``grid``: how many LRs a finished sweep has (a shorter one is marked)."""
+    """The best LR's accuracy; ``grid``: how many LRs the usual sweep has (a shorter one -- another grid, or a sweep
+    still running -- says how many it has)."""
     if entry is None:
         return "--"
     spread = f" ± {entry['std']:.2f}" if entry["std"] is not None else ""
-    partial = f", {len(entry['sweep'])} of {grid} LRs so far" if len(entry["sweep"]) < grid else ""
+    partial = f", a {len(entry['sweep'])}-LR sweep" if len(entry["sweep"]) < grid else ""
     lrs = list(entry["sweep"])
     edge = ", at the grid's edge" if len(lrs) > 1 and entry["lr"] in (lrs[0], lrs[-1]) else ""
     return f"{entry['mean']:.2f}{spread} (lr {entry['lr']:g}, n={entry['n']}{partial}{edge})"
@@ -244,7 +245,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
                 "|---|" + "---|" * len(batches),
             ]
-            grid = max(len(e["sweep"]) for key, e in runs.items() if key[0] == arch)
+            lengths = [len(e["sweep"]) for key, e in runs.items() if key[0] == arch]
+            grid = max(set(lengths), key=lengths.count)  # the usual grid; a sweep extended further is not "so far"
             for method in ORDER:
                 if not any((arch, b, method) in runs for b in batches):
                     continue
