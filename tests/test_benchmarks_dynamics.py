@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import lightning as L
 import torch
 from torch import nn
@@ -39,19 +40,11 @@ class _Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
-def test_trace_records_dead_channels_signal_and_filter_growth_every_n_steps():
+def test_trace_records_dead_channels_signal_and_filter_growth_every_n_steps(tmp_path):
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(24, 1, 4, 4), torch.randint(0, 3, (24,)))
     trace = dynamics.Trace(every=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[trace],
-    )
+    trainer = helpers.trainer(tmp_path, callbacks=[trace])
     net = _Net()
     with torch.no_grad():  # what the first step's batch gives the classifier, before any update
         first = net.body[:3](data.tensors[0][:4])
