@@ -115,7 +115,10 @@ class MSRSettings:
             residual sums stay bounded in deep networks (the model zoo's resnet152 starts within 10x of BatchNorm's
             classifier input), but not silent: on a Fashion-MNIST ResNet-20 it measured 10 points better than
             ``0`` (SkipInit, where no branch weight gets a gradient until the branch's scale has moved) after 80
-            steps and 3.4 better after 237, and ``1`` (BatchNorm's start) 43 points worse.
+            steps and 3.4 better after 237. ``1`` (BatchNorm's start) gained 0.6-1.0 points in short runs of
+            Fashion-MNIST ResNets at batch 128, each at its best learning rate, but was level at convergence,
+            diverged from 4x its best learning rate, and blew efficientnet_b2 up at batch 2 at BatchNorm's learning
+            rate (`docs/concepts/settings.md`): an option for a shallow ResNet, not the default.
         adaptive_clip: unit-wise adaptive gradient clipping (NFNets, Brock et al. 2021) of the conv filters (of
             the convs MSR acts on and of the stem), in ``on_before_optimizer_step`` (after the projection): no
             output filter gets a gradient larger than ``adaptive_clip`` times its own norm
