@@ -190,6 +190,8 @@ def main() -> None:
     trainer.fit(model, loader, ckpt_path=args.ckpt_in)
     if args.ckpt_out:
         trainer.save_checkpoint(args.ckpt_out)  # every rank calls it; rank 0 writes
+    if torch.distributed.is_initialized():  # else gloo's worker threads can abort the exit (SIGABRT, pytorch#190489)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

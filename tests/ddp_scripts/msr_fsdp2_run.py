@@ -152,6 +152,8 @@ def main() -> None:
         batches = [ranks[0][k : k + n] + ranks[1][k : k + n] for k in range(0, len(ranks[0]), n)]
         loader = DataLoader(data, batch_sampler=batches)
     trainer.fit(model, loader)
+    if torch.distributed.is_initialized():  # else gloo's worker threads can abort the exit (SIGABRT, pytorch#190489)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
