@@ -1,8 +1,9 @@
 """Data sets, the network family and the method registry of ``benchmarks/accuracy.py``.
 
-scikit-learn's digits are embedded in its package and the ``shapes`` task is generated procedurally from a seed;
-Fashion-MNIST is read by torchvision's loader from the four idx files (Debian's ``dataset-fashion-mnist`` package,
-a folder given with ``--data-dir``, or torchvision's download), see :func:`fashion_mnist_root`.
+scikit-learn's digits are embedded in its package and the ``shapes`` (2-D) and ``waves`` (1-D) tasks are generated
+procedurally from a seed; Fashion-MNIST is read by torchvision's loader from the four idx files (Debian's
+``dataset-fashion-mnist`` package, a folder given with ``--data-dir``, or torchvision's download), see
+:func:`fashion_mnist_root`.
 """
 
 from __future__ import annotations
@@ -156,6 +157,42 @@ def load_shapes_task(n_train: int = 1000, n_test: int = 1000, max_train: Optiona
     return _subsample(Task("shapes", x_tr, y_tr, x_te, y_te, len(SHAPE_CLASSES), (8, 16, 32)), max_train)
 
 
+WAVE_LENGTH = 128
+WAVE_CLASSES = 12  # 6 frequency bands x 2 wave shapes (sine, square)
+
+
+def make_waves(n: int, seed: int, length: int = WAVE_LENGTH) -> tuple[Tensor, Tensor]:
+    """``n`` noisy 1-D waves of ``length`` samples, shape ``(n, 1, length)``, and their labels in ``[0, 12)``.
+
+    Label ``y`` sets the wave's shape (``y // 6``: sine or square) and its frequency band (``y % 6``: 3 + 0.7 band
+    cycles over the window, jittered by up to 0.3 cycles). Every sample has its own random phase, an amplitude
+    U(0.5, 1.5), a DC offset N(0, 0.5) (a per-sample common mode, as the ``shapes`` task's brightness offset) and
+    white noise of unit std, so a classifier has to integrate over the whole window.
+    """
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, 1, length)
+    y = torch.randint(0, WAVE_CLASSES, (n,), generator=g)
+    freq = 3 + 0.7 * (y % 6).float() + 0.3 * torch.rand(n, generator=g)
+    phase = 2 * math.pi * torch.rand(n, 1, generator=g)
+    wave = torch.sin(2 * math.pi * freq[:, None] * t[None] + phase)
+    wave = torch.where((y // 6)[:, None] == 1, torch.sign(wave), wave)
+    amplitude = 0.5 + torch.rand(n, 1, generator=g)
+    offset = 0.5 * torch.randn(n, 1, generator=g)
+    x = amplitude * wave + offset + torch.randn(n, length, generator=g)
+    return x[:, None], y
+
+
+def load_waves_task(n_train: int = 3000, n_test: int = 2000, max_train: Optional[int] = None) -> Task:
+    """The generated 1-D ``waves`` task (:func:`make_waves`): a sequence task for the 1-D conv net ``cnn1d``.
+
+    Train and test are drawn from disjoint seeds. It is the benchmark's only 1-D task: the networks for it are
+    ``Conv1d`` + ``BatchNorm1d`` nets, which MSR adopts as it does the 2-D ones.
+    """
+    x_tr, y_tr = make_waves(n_train, seed=0)
+    x_te, y_te = make_waves(n_test, seed=1)
+    return _subsample(Task("waves", x_tr, y_tr, x_te, y_te, WAVE_CLASSES, (16, 32, 64, 64)), max_train)
+
+
 def _subsample(task: Task, max_train: Optional[int]) -> Task:
     if max_train is None:
         return task
@@ -285,6 +322,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "digits": load_digits_task,
     "shapes": load_shapes_task,
     "fashion_mnist": load_fashion_mnist_task,
+    "waves": load_waves_task,
 }
 
 
@@ -361,17 +399,20 @@ def swap_batchnorm(model: nn.Module, kind: str) -> int:
     return len(swapped)
 
 
-def _norm(kind: str, channels: int, act: bool = False) -> nn.Module:
-    """The layer after a conv, with the activation that follows it when ``act`` (``frn``: the TLU is the activation)."""
+def _norm(kind: str, channels: int, act: bool = False, dims: int = 2) -> nn.Module:
+    """The layer after a conv, with the activation that follows it when ``act`` (``frn``: the TLU is the activation).
+
+    ``dims`` is the conv's number of spatial dimensions: BatchNorm is ``BatchNorm1d`` after a ``Conv1d``; the other
+    kinds work on any ``(N, C, *spatial)`` input."""
     if kind == "frn":
         return FilterResponseNorm2d(channels, tlu=act)
-    layer = _norm_only(kind, channels)
+    layer = _norm_only(kind, channels, dims)
     return nn.Sequential(layer, nn.ReLU()) if act else layer
 
 
-def _norm_only(kind: str, channels: int) -> nn.Module:
+def _norm_only(kind: str, channels: int, dims: int = 2) -> nn.Module:
     if kind == "bn":
-        return nn.BatchNorm2d(channels)
+        return nn.BatchNorm1d(channels) if dims == 1 else nn.BatchNorm2d(channels)
     if kind == "gn":  # groups of 4 channels, at most 32 groups (Wu & He's default)
         return nn.GroupNorm(min(32, max(1, channels // 4)), channels)
     if kind == "affine":
@@ -406,6 +447,20 @@ def vgg_small(
             cin = cout
         layers.append(nn.MaxPool2d(2))
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def cnn1d(num_classes: int, norm: str = "bn", widths: tuple[int, ...] = (16, 32, 64, 64)) -> nn.Sequential:
+    """A 1-D conv net for sequences ``(N, 1, L)``: per width a ``Conv1d`` (kernel 5) + norm + ReLU, max-pool by 2
+    between them, then global average pooling and a linear head. ``norm`` as in :func:`vgg_small`."""
+    layers: list[nn.Module] = []
+    cin = 1
+    for i, cout in enumerate(widths):
+        layers += [nn.Conv1d(cin, cout, 5, padding=2, bias=norm == "none"), *_flat(_norm(norm, cout, True, dims=1))]
+        if i < len(widths) - 1:
+            layers.append(nn.MaxPool1d(2))
+        cin = cout
+    layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
     return nn.Sequential(*layers)
 
 
@@ -468,7 +523,8 @@ class ResNet20(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-ARCHS = ("vgg", "resnet20", "resnet8")
+ARCHS = ("vgg", "resnet20", "resnet8", "cnn1d")
+ARCHS_1D = ("cnn1d",)  # the archs for 1-D tasks (inputs ``(N, 1, L)``); the others are for images
 
 
 class _Standardize(nn.Module):
@@ -485,16 +541,26 @@ def _standardize_convs(model: nn.Module) -> nn.Module:
     from torch.nn.utils import parametrize
 
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             parametrize.register_parametrization(module, "weight", _Standardize())
     return model
 
 
 def make_model(arch: str, task: Task, norm: str) -> nn.Module:
     """The network of ``arch`` (``"vgg"``: :func:`vgg_small`, ``"resnet20"``: :class:`ResNet20`, ``"resnet8"``: the
-    same with one block per stage) for ``task``. ``norm="gnws"`` is GroupNorm after Weight-Standardized convs."""
+    same with one block per stage, ``"cnn1d"``: :func:`cnn1d`, for 1-D tasks only) for ``task``. ``norm="gnws"`` is
+    GroupNorm after Weight-Standardized convs."""
+    sequence = task.x_train.dim() == 3
+    if arch in ARCHS and sequence != (arch in ARCHS_1D):
+        allowed = ARCHS_1D if sequence else tuple(a for a in ARCHS if a not in ARCHS_1D)
+        raise ValueError(
+            f"Expected an architecture in {allowed} for the {'1-D' if sequence else '2-D'} task {task.name!r}, "
+            f"but got {arch!r}."
+        )
     if norm == "gnws":
         return _standardize_convs(make_model(arch, task, "gn"))
+    if arch == "cnn1d":
+        return cnn1d(task.num_classes, norm=norm, widths=task.widths)
     if arch == "vgg":
         return vgg_small(task.image_size, task.num_classes, norm=norm, widths=task.widths)
     if arch == "resnet20":
@@ -590,7 +656,7 @@ OPTIONS: dict[str, Callable[[str], Any]] = {
 
 
 # where the noise goes: at the conv outputs (the paper), after the per-channel affine, or after the ReLU
-NOISE_POSITIONS = {"conv": "Conv2d", "affine": "_accuracy_models.ChannelAffine", "relu": "ReLU"}
+NOISE_POSITIONS = {"conv": ["Conv1d", "Conv2d"], "affine": ["_accuracy_models.ChannelAffine"], "relu": ["ReLU"]}
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -658,7 +724,7 @@ def build(spec: MethodSpec, task: Task, seed: int, arch: str = "vgg") -> tuple[n
         if kwargs.get("schedule", "constant") != "constant":  # decay to zero by the end of training
             kwargs["final_scale"], kwargs["final_shift"] = 0.0, 0.0
         if "noise_position" in spec.options:
-            kwargs["module_types"] = [NOISE_POSITIONS[spec.options["noise_position"]]]
+            kwargs["module_types"] = NOISE_POSITIONS[spec.options["noise_position"]]
         kwargs["seed"] = seed
         callbacks.append(lightning_msr.NoiseInjection(**kwargs))
     if spec.options.get("spherical"):
@@ -668,7 +734,8 @@ def build(spec: MethodSpec, task: Task, seed: int, arch: str = "vgg") -> tuple[n
     if spec.options.get("lsuv"):
         _lsuv(model, task, seed, spec.options.get("init_magnitude", 1.0), int(spec.options["lsuv"]))
     overrides = {
-        k: spec.options[k] for k in ("warmup", "wd", "momentum", "nesterov", "conv_lr", "clip", "unit_clip")
+        k: spec.options[k]
+        for k in ("warmup", "wd", "momentum", "nesterov", "conv_lr", "clip", "unit_clip")
         if k in spec.options
     }
     return model, callbacks, overrides
@@ -681,7 +748,7 @@ def _lsuv(model: nn.Module, task: Task, seed: int, magnitude: float, mode: int) 
     import lightning_msr.functional as F
 
     gen = torch.Generator().manual_seed(seed)
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]
     for c in convs:
         F.zero_mean_init_(c.weight, magnitude=magnitude, generator=gen)
     x = task.x_train[torch.randperm(len(task.x_train), generator=gen)[:256]]
@@ -691,9 +758,9 @@ def _lsuv(model: nn.Module, task: Task, seed: int, magnitude: float, mode: int) 
         model(x)
         handle.remove()
         y = out["y"]
-        rms = y.pow(2).mean() if mode == 1 else y.pow(2).mean(dim=(0, 2, 3))
+        rms = y.pow(2).mean() if mode == 1 else y.pow(2).mean(dim=(0, *range(2, y.dim())))
         scale = rms.sqrt().clamp_min(1e-8).reciprocal()
-        c.weight.mul_(scale.view(-1, 1, 1, 1) if mode == 2 else scale)
+        c.weight.mul_(scale.view(-1, *(1,) * (c.weight.dim() - 1)) if mode == 2 else scale)
         if c.bias is not None:
             c.bias.mul_(scale)
 
@@ -708,7 +775,6 @@ def has_norm_layer(model: nn.Module) -> bool:
         FilterResponseNorm2d,
     )
     return any(isinstance(m, kinds) for m in model.modules())
-
 
 
 class SphericalFilters(L.Callback):

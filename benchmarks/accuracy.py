@@ -1,7 +1,8 @@
 """Accuracy of Mean Shift Rejection against BatchNorm across batch sizes, with a learning-rate sweep per method.
 
 Every configuration (task, network, method, batch size, learning rate, seed) is one Lightning ``Trainer.fit`` of
-a small VGG-style CNN or a ResNet-20 (``--arch``); only the layer after each conv and the callbacks differ.
+a small VGG-style CNN, a ResNet-20 or -8, or (for the 1-D ``waves`` task) a 1-D conv net (``--arch``); only the layer
+after each conv and the callbacks differ.
 Results are appended to a CSV as they finish, so an interrupted sweep resumes where it stopped (configurations
 already in the CSV are skipped), and the Markdown table and plots are regenerated from the whole CSV.
 
@@ -13,6 +14,7 @@ Usage::
     python benchmarks/accuracy.py --methods "msr_affine[init_magnitude=2]" --batch-sizes 32 --lrs 0.05 0.1
     python benchmarks/accuracy.py --report-only                    # rebuild accuracy.md and the plots
     python benchmarks/accuracy.py --dataset fashion_mnist --arch vgg resnet20 --train-size 5000 --test-size 5000
+    python benchmarks/accuracy.py --dataset waves --arch cnn1d --methods batchnorm msr_replace_noise --batch-sizes 64 1
 
 Fashion-MNIST is read from Debian's package (``apt-get install -y dataset-fashion-mnist``) when it is installed,
 else from ``--data-dir``, or downloaded by torchvision into ``--cache-dir`` with ``--download``.
@@ -157,7 +159,7 @@ class Classifier(L.LightningModule):
         conv = [  # a Weight-Standardized conv (`gn_ws`) trains its parametrization's original weight
             m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
             for m in self.modules()
-            if isinstance(m, nn.Conv2d)
+            if isinstance(m, (nn.Conv1d, nn.Conv2d))
         ]
         ids = {id(p) for p in conv}
         rest = [p for p in self.parameters() if id(p) not in ids]
@@ -537,7 +539,10 @@ def _protocol(rows: list[dict]) -> list[str]:
         "subset (seed 0) of the 60k training and 10k test images where the table says so (`N train images`), "
         "training batches randomly cropped after zero padding by 2 pixels and flipped horizontally. Its tables "
         "are a short budget that fits a shared 2-core CPU (a few thousand images, the epochs above: 80 steps at "
-        "batch 128): they rank how fast each method trains as much as where it would end.",
+        "batch 128): they rank how fast each method trains as much as where it would end; `waves` -- the one "
+        "1-D task, for `--arch cnn1d`: generated sequences of 128 samples, 12 classes (sine or square wave, 6 "
+        "frequency bands), each with its own phase, amplitude, DC offset N(0, 0.5) and white noise of unit std; "
+        "3000 train / 2000 test sequences from disjoint seeds, no augmentation.",
         "* **Methods**:",
     ]
     lines += [f"    * `{b}`: {METHOD_NOTES.get(b, '')}" for b in bases]
@@ -688,7 +693,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--epochs", type=int, default=30, help="epochs at batch >= 32 (fewer below, see epochs_for)")
     parser.add_argument("--dataset", nargs="+", choices=sorted(TASKS), default=["digits", "shapes"])
-    parser.add_argument("--arch", nargs="+", choices=ARCHS, default=["vgg"], help="network(s): VGG-style or ResNet-20")
+    parser.add_argument(
+        "--arch",
+        nargs="+",
+        choices=ARCHS,
+        default=["vgg"],
+        help="network(s): VGG-style, ResNet-20, ResNet-8 (one block per stage); cnn1d for the 1-D task (waves)",
+    )
     data = parser.add_argument_group("Fashion-MNIST data (install: apt-get install -y dataset-fashion-mnist)")
     data.add_argument("--data-dir", type=Path, default=None, help="folder with the idx files or a torchvision root")
     data.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the files are unpacked")

@@ -349,6 +349,78 @@ def test_resnet20_is_the_cifar_resnet_and_is_adopted_by_the_callback():
         models.make_model("resnet50", task, "bn")
 
 
+def test_waves_task_is_a_seeded_1d_task_whose_label_sets_shape_and_frequency():
+    import torch
+
+    models, _ = _bench_modules()
+    x, y = models.make_waves(600, seed=3)
+    assert x.shape == (600, 1, models.WAVE_LENGTH) and y.shape == (600,)
+    assert set(y.tolist()) == set(range(models.WAVE_CLASSES))
+    again, y_again = models.make_waves(600, seed=3)
+    assert torch.equal(x, again) and torch.equal(y, y_again)
+    assert not torch.equal(x, models.make_waves(600, seed=4)[0])
+    # the class is in the signal: the dominant frequency rises with the band (y % 6), whatever the noise
+    spectrum = torch.fft.rfft(x[:, 0] - x[:, 0].mean(1, keepdim=True)).abs()
+    peak = spectrum[:, 1:20].argmax(1).float() + 1
+    band_means = [peak[(y % 6) == band].mean().item() for band in range(6)]
+    assert band_means == sorted(band_means) and band_means[-1] - band_means[0] > 2.5
+    task = models.load_waves_task(n_train=40, n_test=20)
+    assert task.x_train.shape == (40, 1, 128) and task.x_test.shape == (20, 1, 128) and task.augment == 0
+
+
+def test_cnn1d_is_a_conv1d_batchnorm1d_net_adopted_by_the_callback_and_refused_on_images():
+    import torch
+
+    from lightning_msr import MeanShiftRejection
+
+    models, _ = _bench_modules()
+    task = models.load_waves_task(n_train=8, n_test=4)
+    net = models.make_model("cnn1d", task, "bn")
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv1d)]
+    assert [c.out_channels for c in convs] == [16, 32, 64, 64] and all(c.kernel_size == (5,) for c in convs)
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules()) == 4
+    assert net(task.x_train).shape == (8, 12)
+    ws = models.make_model("cnn1d", task, "gnws")  # Weight Standardization reaches the 1-D convs too
+    weight = [m for m in ws.modules() if isinstance(m, torch.nn.Conv1d)][1].weight.flatten(1)
+    assert torch.allclose(weight.mean(1), torch.zeros(32), atol=1e-5)
+    _, callbacks, _ = models.build(models.parse_method("msr_replace_noise"), task, seed=0, arch="cnn1d")
+    assert isinstance(callbacks[0], MeanShiftRejection)
+    with pytest.raises(ValueError, match=r"Expected an architecture in \('cnn1d',\) for the 1-D task 'waves'"):
+        models.make_model("resnet8", task, "bn")
+    image = models.Task(
+        "img", torch.zeros(2, 1, 8, 8), torch.zeros(2).long(), torch.zeros(2, 1, 8, 8), torch.zeros(2).long(), 10
+    )
+    with pytest.raises(ValueError, match="for the 2-D task 'img', but got 'cnn1d'"):
+        models.make_model("cnn1d", image, "bn")
+
+
+def test_accuracy_waves_tiny_run_replaces_batchnorm1d(tmp_path):
+    _run(
+        "accuracy.py",
+        "--tiny",
+        "--dataset",
+        "waves",
+        "--arch",
+        "cnn1d",
+        "--methods",
+        "batchnorm",
+        "msr_replace_noise",
+        "--batch-sizes",
+        "8",
+        "--lrs",
+        "0.05",
+        "--seeds",
+        "0",
+        "--out",
+        str(tmp_path),
+        "--no-progress-bar",
+    )
+    rows = {r["method"]: r for r in _rows(tmp_path / "accuracy.csv")}
+    assert rows["batchnorm"]["arch"] == "cnn1d" and rows["batchnorm"]["dataset"] == "waves"
+    assert rows["batchnorm"]["norm_layers"] == "1" and rows["msr_replace_noise"]["norm_layers"] == "0"
+    assert all(0.0 <= float(r["test_acc"]) <= 1.0 and r["diverged"] == "0" for r in rows.values())
+
+
 def test_augment_batch_is_a_padded_crop_and_flip_of_each_image():
     import torch
 
