@@ -357,7 +357,7 @@ def write_table(
     tested = [r for r in rows if r.get("recipe")]
     passed = sum(r["passed"] == "yes" for r in tested)
     lines = [
-        "# Model population: every torchvision classifier at batch 1, 2 and 8",
+        f"# Model population: every torchvision classifier at {_batch_words(batches)}",
         "",
         "Written by `benchmarks/zoo.py` (see its docstring for the method). Each cell is the classifier-input signal",
         "on the first batch after calibration, relative to BatchNorm's in training mode (10x either way passes; in",
@@ -411,6 +411,14 @@ def write_table(
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def _batch_words(batches: list[int]) -> str:
+    """``[2]`` -> ``"batch 2"``, ``[1, 2, 8]`` -> ``"batch 1, 2 and 8"``: the batch sizes a table has rows for."""
+    words = [str(b) for b in batches]
+    if len(words) < 2:
+        return "batch " + "".join(words) if words else "no batch size yet"
+    return "batch " + ", ".join(words[:-1]) + " and " + words[-1]
 
 
 def _cell(r: dict) -> str:

@@ -74,6 +74,16 @@ def test_msr_option_is_checked_before_any_model_runs(tmp_path, capsys):
     assert not (tmp_path / "zoo.csv").exists()  # nothing ran
 
 
+def test_table_title_names_the_batch_sizes_its_rows_have(tmp_path):
+    """The title says which batch sizes were run, not the script's defaults (a batch-2-only table said 1, 2 and 8)."""
+    base = {"family": "resnet", "bn_lr": "0.1", "finite": "True", "unmoved": "0", "eval_diff": "0", "note": ""}
+    row = dict(base, model="resnet18", batch="2", recipe="msr_replace_noise", passed="yes", signal="1.0", max_loss="3")
+    text = zoo.write_table([row], tmp_path / "zoo.md")
+    assert text.startswith("# Model population: every torchvision classifier at batch 2\n")
+    rows = [dict(row, batch=b) for b in ("8", "1", "2")]
+    assert zoo.write_table(rows, tmp_path / "zoo.md").splitlines()[0].endswith("at batch 1, 2 and 8")
+
+
 def test_the_sample_covers_every_family():
     families = {zoo.family(name) for name in torchvision.models.list_models(module=torchvision.models)}
     assert set(SAMPLE) == families
