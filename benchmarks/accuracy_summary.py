@@ -8,7 +8,9 @@ All are ``benchmarks/accuracy.py`` sweeps (resumable; the commands are in the pa
   GroupNorm + Weight Standardization, FRN and the MSR defaults, each at the best LR of its own sweep (and the same
   on the small VGG);
 * ``docs/benchmarks/mechanism.csv`` -- the tests of issue 26's hypotheses (scale-invariant filters, the noise, the
-  residual branches' start) against the defaults and BatchNorm, per task.
+  residual branches' start) against the defaults and BatchNorm, per task;
+* ``docs/benchmarks/waves.csv`` -- the 1-D task (``--dataset waves --arch cnn1d``), batch 64, 8 and 1: the same
+  peers and the MSR defaults, each at the best LR of its own sweep. No default was chosen on it.
 
 Writes ``docs/benchmarks/long-run-small-batch.md``: each method at its best learning rate (mean over the seeds run
 there) and every swept learning rate, with the number of seeds, so what is missing shows.
@@ -185,6 +187,37 @@ def _mechanism(path: Path) -> list[str]:
     return lines
 
 
+def _waves(runs: dict[tuple, dict]) -> list[str]:
+    """The 1-D task's table: each method at its best LR per batch size, then every LR."""
+    batches = sorted({b for _, b, _ in runs}, reverse=True)
+    methods = _methods(m for _, _, m in runs)
+    lines = [
+        "## A 1-D task: `waves`, a 1-D conv net (`cnn1d`), batch 64, 8 and 1 (not used to choose any default)",
+        "",
+        "`python benchmarks/accuracy.py --dataset waves --arch cnn1d --methods batchnorm msr_replace_noise groupnorm "
+        'gn_ws "msr_replace_noise[mode=kernel]" --batch-sizes 64 8 1 --lrs 0.0125 0.025 0.05 0.1 0.2 0.4 --seeds 0 '
+        "--best-lr-seeds 1 2 --epochs 10 --csv docs/benchmarks/waves.csv` (3 000 generated sequences of 128 samples, "
+        "12 classes, 2 000 test sequences; four Conv1d + BatchNorm1d + ReLU layers; learning rates given for batch "
+        "32, scaled by sqrt(batch / 32); 10 epochs at batch 64, 4 at batch 8, 2 at batch 1).",
+        "",
+        "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for method in methods:
+        cells = [_cell(runs.get(("cnn1d", b, method))) for b in batches]
+        lines.append(f"| {_name(method)} | " + " | ".join(cells) + " |")
+    lines += ["", "Every learning rate (mean, seeds; a diverged run counts as chance, about 8 %):", ""]
+    lines += ["| method | batch | lr: accuracy |", "|---|---|---|"]
+    for method in methods:
+        for b in batches:
+            entry = runs.get(("cnn1d", b, method))
+            if entry is not None:
+                sweep = ", ".join(f"{lr:g}: {m:.1f} (n={n})" for lr, (m, n) in entry["sweep"].items())
+                lines.append(f"| {_name(method)} | {b} | {sweep} |")
+    total = sum(e["seconds"] for e in runs.values()) / 60
+    return [*lines, "", f"Wall clock of these runs: {total:.0f} min on a shared 2-core CPU.", ""]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DOCS / "long-run-small-batch.md")
@@ -193,7 +226,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     lines = [
         "# The long run and small batches on Fashion-MNIST",
         "",
-        "Written by `python benchmarks/accuracy_summary.py` from `longrun.csv`, `smallbatch.csv` and `mechanism.csv`. "
+        "Written by `python benchmarks/accuracy_summary.py` from `longrun.csv`, `smallbatch.csv`, `waves.csv` and "
+        "`mechanism.csv`. "
         "Test accuracy "
         "in %, each method at the best learning rate of its own sweep (chosen on seed 0; the mean over the seeds run "
         "there, `n` being that number of seeds). Learning rates are the ones used at that batch size. Protocol as in "
@@ -262,6 +296,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         lines.append(f"| {NAMES[method]} | {b} | {sweep} |")
             total = sum(e["seconds"] for key, e in runs.items() if key[0] == arch) / 60
             lines += ["", f"Wall clock of these runs: {total:.0f} min on a shared 2-core CPU.", ""]
+    waves_path = args.csv_dir / "waves.csv"
+    if waves_path.exists():
+        lines += _waves(best_by_setting(waves_path))
     mechanism_path = args.csv_dir / "mechanism.csv"
     if mechanism_path.exists():
         lines += _mechanism(mechanism_path)

@@ -598,6 +598,22 @@ def test_accuracy_summary_picks_each_methods_best_learning_rate(tmp_path):
     assert "### resnet8, 20000 images, 3 epochs, batch 128" in text
     row = "| MSR defaults + `spherical=1` | 85.00 ± 1.41 (lr 0.4, n=2) | 0.2: 83.0 (n=1), 0.4: 85.0 (n=2), 0.8: 81.0"
     assert row in text
+    assert "A 1-D task" not in text  # no waves.csv: no section
+    with (tmp_path / "waves.csv").open("w", newline="") as fh:
+        writer = csv_module.writer(fh)
+        writer.writerow(fields)
+        writer.writerows([
+            ("cnn1d", method, batch, lr, seed, acc, 30.0)
+            for method, batch, lr, seed, acc in (
+                ("batchnorm", 64, 0.1, 0, 0.90), ("batchnorm", 64, 0.2, 0, 0.91), ("batchnorm", 64, 0.2, 1, 0.93),
+                ("msr_replace_noise", 64, 0.1, 0, 0.92), ("msr_replace_noise", 1, 0.01, 0, 0.60),
+            )
+        ])  # fmt: skip
+    assert summary(["--csv-dir", str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## A 1-D task: `waves`" in text and "| method | batch 64 | batch 1 |" in text
+    assert "| BatchNorm | 92.00 ± 1.41 (lr 0.2, n=2, at the grid's edge) | -- |" in text  # no batch-1 row: --
+    assert "| MSR defaults | 92.00 (lr 0.1, n=1) | 60.00 (lr 0.01, n=1) |" in text
 
 
 def test_spherical_filters_step_a_virtual_weight_that_weight_decay_shrinks():
