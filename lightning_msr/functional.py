@@ -49,7 +49,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Literal, NamedTuple, Optional, Union
+from typing import Literal, NamedTuple, Optional, Union, get_args
 
 import torch
 from torch import Tensor, nn
@@ -83,7 +83,7 @@ __all__ = [
 ]
 
 Mode = Literal["kernel", "filter"]
-MODES: tuple[str, ...] = ("kernel", "filter")  # the allowed `mode` values; the settings and `fused` check these
+MODES: tuple[str, ...] = get_args(Mode)  # the allowed `mode` values; the settings and `fused` check these
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
