@@ -1,4 +1,4 @@
-"""The long run and the small-batch sweep on Fashion-MNIST, summarised from their result files.
+"""The long run and the small-batch sweep on Fashion-MNIST, and the 1-D task, summarised from their result files.
 
 All are ``benchmarks/accuracy.py`` sweeps (resumable; the commands are in the page this writes):
 
@@ -156,7 +156,9 @@ def _mechanism(path: Path) -> list[str]:
         "`alpha=0`: no projection (the kernels drawn zero-mean, then free); `msr_exclude=<classifier>`: the "
         "classifier not clipped; `wd`: SGD's weight decay (5e-4 otherwise); `nesterov=1,warmup=0.3`: a second "
         "training recipe, not used to choose the defaults -- Nesterov momentum and a linear warm-up over the first "
-        "30 % of the steps before the cosine decay (one-cycle-like). Below 32 the peers' rows are those of the "
+        "30 % of the steps before the cosine decay (one-cycle-like); `noise_scale`, `noise_shift`: `NoiseInjection`'s "
+        "multiplicative and additive spread (0.1 and 0 by default; `noise_scale=0`: no noise). Below 32 the peers' "
+        "rows, and the defaults', are those of the "
         "small-batch sweep above.",
         "",
     ]
@@ -198,7 +200,10 @@ def _waves(runs: dict[tuple, dict]) -> list[str]:
         'gn_ws "msr_replace_noise[mode=kernel]" --batch-sizes 64 8 1 --lrs 0.0125 0.025 0.05 0.1 0.2 0.4 --seeds 0 '
         "--best-lr-seeds 1 2 --epochs 10 --csv docs/benchmarks/waves.csv` (3 000 generated sequences of 128 samples, "
         "12 classes, 2 000 test sequences; four Conv1d + BatchNorm1d + ReLU layers; learning rates given for batch "
-        "32, scaled by sqrt(batch / 32); 10 epochs at batch 64, 4 at batch 8, 2 at batch 1).",
+        "32, scaled by sqrt(batch / 32); 10 epochs at batch 64, 5 at batch 8, 2 at batch 1). Where a peer was best at "
+        "a grid's edge its grid was extended: at batch 1 down to 0.003125, at batch 64 up to 1.6 (BatchNorm, "
+        "GroupNorm + WS). The rows with one setting changed (`adaptive_clip`, `noise_scale`) are hypothesis tests "
+        "at batch 8, the same protocol.",
         "",
         "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
         "|---|" + "---|" * len(batches),
@@ -224,7 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--csv-dir", type=Path, default=DOCS, help="where longrun.csv and smallbatch.csv are")
     args = parser.parse_args(argv)
     lines = [
-        "# The long run and small batches on Fashion-MNIST",
+        "# The long run and small batches on Fashion-MNIST, and a 1-D task",
         "",
         "Written by `python benchmarks/accuracy_summary.py` from `longrun.csv`, `smallbatch.csv`, `waves.csv` and "
         "`mechanism.csv`. "
