@@ -189,6 +189,27 @@ def _mechanism(path: Path) -> list[str]:
     return lines
 
 
+def _sweep_tables(
+    runs: dict[tuple, dict], arch: str, methods: list[str], batches: list[int], chance: int, grid: int = 0
+) -> list[str]:
+    """The tables of a sweep over batch sizes: each method at its best LR per batch size, then every LR it ran, then
+    the runs' wall clock. ``chance``: the accuracy in % a diverged run counts as; ``grid`` as in :func:`_cell`."""
+    lines = ["| method | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    for method in methods:
+        cells = [_cell(runs.get((arch, b, method)), grid) for b in batches]
+        lines.append(f"| {_name(method)} | " + " | ".join(cells) + " |")
+    lines += ["", f"Every learning rate (mean, seeds; a diverged run counts as chance, about {chance} %):", ""]
+    lines += ["| method | batch | lr: accuracy |", "|---|---|---|"]
+    for method in methods:
+        for b in batches:
+            entry = runs.get((arch, b, method))
+            if entry is not None:
+                sweep = ", ".join(f"{lr:g}: {m:.1f} (n={n})" for lr, (m, n) in entry["sweep"].items())
+                lines.append(f"| {_name(method)} | {b} | {sweep} |")
+    total = sum(e["seconds"] for key, e in runs.items() if key[0] == arch) / 60
+    return [*lines, "", f"Wall clock of these runs: {total:.0f} min on a shared 2-core CPU.", ""]
+
+
 def _waves(runs: dict[tuple, dict]) -> list[str]:
     """The 1-D task's table: each method at its best LR per batch size, then every LR."""
     batches = sorted({b for _, b, _ in runs}, reverse=True)
@@ -205,22 +226,8 @@ def _waves(runs: dict[tuple, dict]) -> list[str]:
         "GroupNorm + WS). The rows with one setting changed (`adaptive_clip`, `noise_scale`) are hypothesis tests "
         "at batch 8, the same protocol.",
         "",
-        "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
-        "|---|" + "---|" * len(batches),
     ]
-    for method in methods:
-        cells = [_cell(runs.get(("cnn1d", b, method))) for b in batches]
-        lines.append(f"| {_name(method)} | " + " | ".join(cells) + " |")
-    lines += ["", "Every learning rate (mean, seeds; a diverged run counts as chance, about 8 %):", ""]
-    lines += ["| method | batch | lr: accuracy |", "|---|---|---|"]
-    for method in methods:
-        for b in batches:
-            entry = runs.get(("cnn1d", b, method))
-            if entry is not None:
-                sweep = ", ".join(f"{lr:g}: {m:.1f} (n={n})" for lr, (m, n) in entry["sweep"].items())
-                lines.append(f"| {_name(method)} | {b} | {sweep} |")
-    total = sum(e["seconds"] for e in runs.values()) / 60
-    return [*lines, "", f"Wall clock of these runs: {total:.0f} min on a shared 2-core CPU.", ""]
+    return lines + _sweep_tables(runs, "cnn1d", methods, batches, chance=8)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -281,26 +288,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "--epochs 2 --csv docs/benchmarks/smallbatch.csv` (learning rates given for batch 32, scaled by "
                 "sqrt(batch / 32)).",
                 "",
-                "| method | " + " | ".join(f"batch {b}" for b in batches) + " |",
-                "|---|" + "---|" * len(batches),
             ]
             lengths = [len(e["sweep"]) for key, e in runs.items() if key[0] == arch]
             grid = max(set(lengths), key=lengths.count)  # the usual grid; a sweep extended further is not "so far"
-            for method in ORDER:
-                if not any((arch, b, method) in runs for b in batches):
-                    continue
-                cells = [_cell(runs.get((arch, b, method)), grid) for b in batches]
-                lines.append(f"| {NAMES[method]} | " + " | ".join(cells) + " |")
-            lines += ["", "Every learning rate (mean, seeds; a diverged run counts as chance, about 10 %):", ""]
-            lines += ["| method | batch | lr: accuracy |", "|---|---|---|"]
-            for method in ORDER:
-                for b in batches:
-                    entry = runs.get((arch, b, method))
-                    if entry is not None:
-                        sweep = ", ".join(f"{lr:g}: {m:.1f} (n={n})" for lr, (m, n) in entry["sweep"].items())
-                        lines.append(f"| {NAMES[method]} | {b} | {sweep} |")
-            total = sum(e["seconds"] for key, e in runs.items() if key[0] == arch) / 60
-            lines += ["", f"Wall clock of these runs: {total:.0f} min on a shared 2-core CPU.", ""]
+            shown = [m for m in ORDER if any((arch, b, m) in runs for b in batches)]
+            lines += _sweep_tables(runs, arch, shown, batches, chance=10, grid=grid)
     waves_path = args.csv_dir / "waves.csv"
     if waves_path.exists():
         lines += _waves(best_by_setting(waves_path))
