@@ -9,9 +9,15 @@ records, from that step's training batch:
   signal and gets no gradient), and ``dead_max`` for the worst ReLU layer;
 * ``last_rms``: the RMS of the last ReLU's output, and ``feature_rms`` of the classifier's input;
 * ``logit_std``: the standard deviation of the logits;
-* ``filter_norm``: the conv filters' norms relative to the start of training (mean over filters and layers).
+* ``filter_norm``: the conv filters' norms relative to the start of training (mean over filters and layers);
+* ``grad_ratio``: the median over every conv filter of its gradient's norm relative to its own norm, the gradient
+  centred per filter first (what MSR's projection keeps), and ``clipped``: the share of filters whose ratio is
+  above the run's ``adaptive_clip`` -- the filters whose step the clip cuts (for a method without
+  ``MeanShiftRejection``, above the default clip, for comparison). A share near 1 means the clip, not the
+  gradient's size, sets every filter's step.
 
-All of them are of the weights the step's forward pass used, before its update.
+All of them are of the weights the step's forward pass used, before its update (the gradients: of that batch,
+before the optimizer step).
 
 BatchNorm re-centres and re-scales every channel on every batch, so its ``dead`` stays at 0 and its ``last_rms``
 near its affine scale; a network without normalisation has only its parameters to hold them. The traces are
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import logging
 import math
 import sys
@@ -36,6 +43,8 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from torch import nn
+
+import lightning_msr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy
@@ -58,7 +67,10 @@ FIELDS = [
     "feature_rms",
     "logit_std",
     "filter_norm",
+    "grad_ratio",
+    "clipped",
 ]
+DEFAULT_CLIP = inspect.signature(lightning_msr.MeanShiftRejection).parameters["adaptive_clip"].default
 
 
 def dead_share(output: torch.Tensor) -> float:
@@ -74,6 +86,23 @@ def dead_share(output: torch.Tensor) -> float:
     return float((output.detach().amax(dim=dims) <= 0).float().mean())
 
 
+def gradient_ratios(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Each output filter's gradient norm relative to its weight norm, the gradient centred per filter first.
+
+    The weight norm is floored at 1e-3, as :func:`lightning_msr.functional.adaptive_clip_` floors it.
+
+    Example::
+
+        >>> w = torch.ones(2, 1, 2, 2)  # two filters of norm 2
+        >>> g = torch.tensor([[1.0, -1.0, 1.0, -1.0], [3.0, 3.0, 3.0, 3.0]]).view(2, 1, 2, 2)
+        >>> gradient_ratios(w, g)  # the second gradient is all mean: nothing left once centred
+        tensor([1., 0.])
+    """
+    g = grad.detach().flatten(1).float()
+    g = g - g.mean(dim=1, keepdim=True)
+    return g.norm(dim=1) / weight.detach().flatten(1).float().norm(dim=1).clamp_min(1e-3)
+
+
 class Trace(L.Callback):
     """Records the quantities of the module docstring every ``every`` steps (and at the first) into ``rows``."""
 
@@ -87,10 +116,17 @@ class Trace(L.Callback):
         self._last_rms = math.nan
         self._feature_rms = math.nan
         self._logit_std = math.nan
+        self._grad_ratio = math.nan
+        self._clipped = math.nan
+        self._clip = DEFAULT_CLIP
         self._start: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._clip = DEFAULT_CLIP
+        for callback in trainer.callbacks:
+            if isinstance(callback, lightning_msr.MeanShiftRejection):
+                self._clip = callback.settings()["adaptive_clip"]
         for module in pl_module.modules():
             if isinstance(module, nn.ReLU):
                 self._handles.append(module.register_forward_hook(self._relu))
@@ -115,13 +151,23 @@ class Trace(L.Callback):
 
     def _filters(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         return {
-            name: p.detach().flatten(1).norm(dim=1).clone() for name, p in pl_module.named_parameters() if p.dim() == 4
+            name: p.detach().flatten(1).norm(dim=1).clone() for name, p in pl_module.named_parameters() if p.dim() >= 3
         }
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._armed:
+            return
+        convs = [p for p in pl_module.parameters() if p.dim() >= 3 and p.grad is not None]
+        if convs:
+            ratios = torch.cat([gradient_ratios(p, p.grad) for p in convs])
+            self._grad_ratio = float(ratios.median())
+            self._clipped = float((ratios > self._clip).float().mean()) if self._clip is not None else 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         self._armed = trainer.global_step % self.every == 0
         self._step = trainer.global_step
         self._dead = []
+        self._grad_ratio = self._clipped = math.nan
         if not self._start:
             self._start = self._filters(pl_module)
         if self._armed:  # the weights this batch's forward pass uses
@@ -146,6 +192,8 @@ class Trace(L.Callback):
                 "feature_rms": self._feature_rms,
                 "logit_std": self._logit_std,
                 "filter_norm": self._filter_norm,
+                "grad_ratio": self._grad_ratio,
+                "clipped": self._clipped,
             }
         )
 
@@ -155,6 +203,26 @@ def read_rows(path: Path) -> list[dict]:
         return []
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to the trace file; a file written before a column existed is rewritten first with every
+    column (its rows keep their values, the new columns empty), so old and new traces share one header."""
+    if path.exists():
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != FIELDS:
+            old = read_rows(path)
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=FIELDS, restval="")
+                writer.writeheader()
+                writer.writerows(old)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 def run_key(row: dict) -> tuple:
@@ -171,6 +239,15 @@ def trace_run(task: Any, arch: str, method: str, batch: int, lr: float, seed: in
     return [{**keys, **{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}} for r in trace.rows]
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _cell(value: float, fmt: str) -> str:
+    """A table cell; traces written before a column existed have no value for it."""
+    return "—" if math.isnan(value) else format(value, fmt)
+
+
 def _summary(rows: list[dict]) -> list[dict]:
     runs: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -180,7 +257,9 @@ def _summary(rows: list[dict]) -> list[dict]:
         trace.sort(key=lambda r: int(r["step"]))
 
         def col(name: str, trace: list = trace) -> list[float]:
-            return [float(r[name]) for r in trace if r[name] not in ("", "nan") and math.isfinite(float(r[name]))]
+            return [
+                float(r[name]) for r in trace if r.get(name) not in (None, "", "nan") and math.isfinite(float(r[name]))
+            ]
 
         end = trace[-max(1, len(trace) // 10) :]  # the last tenth of the run
         out.append(
@@ -195,6 +274,9 @@ def _summary(rows: list[dict]) -> list[dict]:
                 "logit_peak": max(col("logit_std"), default=math.nan),
                 "loss_peak": max(col("loss"), default=math.nan),
                 "filter_end": sum(float(r["filter_norm"]) for r in end) / len(end),
+                "clipped": _mean(col("clipped")),
+                "ratio_start": (col("grad_ratio") or [math.nan])[0],
+                "ratio_end": _mean(col("grad_ratio", end)),
             }
         )
     return out
@@ -208,20 +290,24 @@ def write_report(rows: list[dict], out: Path) -> None:
         "Written by `benchmarks/dynamics.py` (its docstring defines every column). `dead`: share of ReLU channels",
         "with no positive output in the batch, at the end (mean of the last tenth of the run) and at its peak;",
         "`classifier input RMS`: at the first step, at the end and at its peak; `filter norm`: at the end,",
-        "relative to the start.",
+        "relative to the start; `clipped`: the share of conv filters whose gradient the run's `adaptive_clip` cuts",
+        "(mean over the traced steps; for a method without MSR, above the default clip); `grad ratio`: the median",
+        "filter's centred-gradient norm over its weight norm, at the first step and at the end (— : traced before",
+        "these two columns existed).",
         "",
         "![dead channels, classifier input RMS and training loss per step](dynamics.png)",
         "",
         "| dataset | arch | method | batch | lr | seed | test acc | dead end / peak | classifier input RMS "
-        "start / end / peak | logit std peak | loss peak | filter norm |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "start / end / peak | logit std peak | loss peak | filter norm | clipped | grad ratio start / end |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in _summary(rows):
         ds, arch, method, batch, lr, seed = s["key"]
         lines.append(
             f"| {ds} | {arch} | {method} | {batch} | {lr:g} | {seed} | {100 * s['acc']:.1f} | "
             f"{s['dead_end']:.2f} / {s['dead_peak']:.2f} | {s['feature_start']:.2g} / {s['feature_end']:.2g} / "
-            f"{s['feature_peak']:.2g} | {s['logit_peak']:.3g} | {s['loss_peak']:.3g} | {s['filter_end']:.2f} |"
+            f"{s['feature_peak']:.2g} | {s['logit_peak']:.3g} | {s['loss_peak']:.3g} | {s['filter_end']:.2f} | "
+            f"{_cell(s['clipped'], '.2f')} | {_cell(s['ratio_start'], '.2g')} / {_cell(s['ratio_end'], '.2g')} |"
         )
     (out / "dynamics.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "dynamics.png")
@@ -240,18 +326,20 @@ def _plot(rows: list[dict], path: Path) -> None:
         ("dead", "dead ReLU channels (share)"),
         ("feature_rms", "classifier input RMS"),
         ("loss", "training loss"),
+        ("clipped", "filters the clip cuts (share)"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    for (_ds, _arch, method, _batch, lr, seed), trace in sorted(runs.items()):
+    for (_ds, _arch, method, batch, lr, seed), trace in sorted(runs.items()):
         trace.sort(key=lambda r: int(r["step"]))
         steps = [int(r["step"]) for r in trace]
         style = "-" if method.startswith("batchnorm") else "--"
         for ax, (name, _) in zip(axes, panels):
-            ax.plot(steps, [float(r[name]) for r in trace], style, label=f"{method} lr {lr:g} s{seed}")
+            values = [float(r.get(name) or "nan") for r in trace]
+            ax.plot(steps, values, style, label=f"{method} b{batch} lr {lr:g} s{seed}")
     for ax, (name, title) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("step")
-        if name != "dead":
+        if name not in ("dead", "clipped"):
             ax.set_yscale("log")
     axes[-1].legend(fontsize=6)
     fig.tight_layout()
@@ -302,12 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if key in done:
                     continue
                 rows = trace_run(task, args.arch, method, args.batch_size, lr, seed, args.epochs, args.every)
-                new = not path.exists()
-                with path.open("a", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=FIELDS)
-                    if new:
-                        writer.writeheader()
-                    writer.writerows(rows)
+                append_rows(path, rows)
                 print(f"{method} lr {lr:g} seed {seed}: test acc {rows[0]['test_acc'] if rows else 'n/a'}", flush=True)
     write_report(read_rows(path), args.out)
     print(f"wrote {args.out / 'dynamics.md'}")

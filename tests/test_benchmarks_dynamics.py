@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import subprocess
 import sys
@@ -9,8 +10,11 @@ from pathlib import Path
 
 import helpers
 import lightning as L
+import pytest
 import torch
 from torch import nn
+
+import lightning_msr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -58,6 +62,51 @@ def test_trace_records_dead_channels_signal_and_filter_growth_every_n_steps(tmp_
     assert abs(trace.rows[0]["logit_std"] - float(logits.std())) < 1e-6
     assert trace.rows[1]["feature_rms"] != trace.rows[0]["feature_rms"]
     assert not net.body[1]._forward_hooks and not net.body[3]._forward_hooks  # the hooks are removed at the end
+
+
+def test_trace_records_the_gradient_ratio_and_the_share_the_clip_cuts(tmp_path):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,)))
+    net = _Net()
+    probe = copy.deepcopy(net)  # the first step's gradient, by hand: centred per filter, over the filter's norm
+    nn.functional.cross_entropy(probe.body(data.tensors[0][:4]), data.tensors[1][:4]).backward()
+    conv = probe.body[0].weight
+    g = conv.grad.flatten(1) - conv.grad.flatten(1).mean(dim=1, keepdim=True)
+    ratios = g.norm(dim=1) / conv.detach().flatten(1).norm(dim=1)
+    assert ratios[1] == 0  # the dead channel gets no gradient
+    trace = dynamics.Trace(every=1)
+    helpers.trainer(tmp_path, callbacks=[trace]).fit(net, torch.utils.data.DataLoader(data, batch_size=4))
+    first = trace.rows[0]
+    assert abs(first["grad_ratio"] - float(ratios.median())) < 1e-6
+    # no MeanShiftRejection in the run: the share above the default clip
+    assert first["clipped"] == float((ratios > dynamics.DEFAULT_CLIP).float().mean())
+
+
+@pytest.mark.parametrize(("clip", "share"), [(None, 0.0), (1e-9, 0.75)])
+def test_trace_reads_the_clip_of_the_runs_mean_shift_rejection(tmp_path, clip, share):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 4, 4), torch.randint(0, 3, (8,)))
+    trace = dynamics.Trace(every=1)
+    msr = lightning_msr.MeanShiftRejection(adaptive_clip=clip, include_stem=True, calibrate=False)
+    helpers.trainer(tmp_path, callbacks=[msr, trace]).fit(_Net(), torch.utils.data.DataLoader(data, batch_size=4))
+    # no clip cuts nothing; a clip of 1e-9 cuts every filter with a gradient (3 of 4: the bias kills one channel,
+    # and without the calibration nothing revives it)
+    assert [r["clipped"] for r in trace.rows] == [share, share]
+
+
+def test_append_rows_gives_an_older_trace_file_the_new_columns_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "dynamics.csv"
+    old_fields = [f for f in dynamics.FIELDS if f not in ("grad_ratio", "clipped")]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=old_fields)
+        writer.writeheader()
+        writer.writerow({f: "1" for f in old_fields})
+    dynamics.append_rows(path, [{f: "2" for f in dynamics.FIELDS}])
+    with path.open(newline="") as fh:
+        assert next(csv.reader(fh)) == dynamics.FIELDS
+    old, new = dynamics.read_rows(path)
+    assert all(old[f] == "1" for f in old_fields) and old["grad_ratio"] == old["clipped"] == ""
+    assert all(v == "2" for v in new.values())
 
 
 def test_dynamics_tiny_writes_the_table_and_plot_and_resumes(tmp_path):
