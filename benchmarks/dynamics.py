@@ -328,22 +328,25 @@ def _plot(rows: list[dict], path: Path) -> None:
         ("loss", "training loss"),
         ("clipped", "filters the clip cuts (share)"),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    for (_ds, _arch, method, batch, lr, seed), trace in sorted(runs.items()):
+    # one row of panels per task and batch size: runs of different lengths on one axis hide each other
+    tasks = sorted({key[:2] + key[3:4] for key in runs})
+    fig, grid = plt.subplots(len(tasks), len(panels), figsize=(5 * len(panels), 3.2 * len(tasks)), squeeze=False)
+    for (ds, arch, method, batch, lr, seed), trace in sorted(runs.items()):
         trace.sort(key=lambda r: int(r["step"]))
         steps = [int(r["step"]) for r in trace]
         style = "-" if method.startswith("batchnorm") else "--"
-        for ax, (name, _) in zip(axes, panels):
+        for ax, (name, _) in zip(grid[tasks.index((ds, arch, batch))], panels):
             values = [float(r.get(name) or "nan") for r in trace]
-            ax.plot(steps, values, style, label=f"{method} b{batch} lr {lr:g} s{seed}")
-    for ax, (name, title) in zip(axes, panels):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if name not in ("dead", "clipped"):
-            ax.set_yscale("log")
-    axes[-1].legend(fontsize=6)
+            ax.plot(steps, values, style, label=f"{method} lr {lr:g} s{seed}")
+    for axes, (ds, arch, batch) in zip(grid, tasks):
+        for ax, (name, title) in zip(axes, panels):
+            ax.set_title(f"{title}\n{ds} {arch} batch {batch}", fontsize=9)
+            ax.set_xlabel("step")
+            if name not in ("dead", "clipped"):
+                ax.set_yscale("log")
+        axes[-1].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
