@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 import lightning_msr
+from lightning_msr.functional import filter_norms, project_mean_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy
@@ -89,7 +90,9 @@ def dead_share(output: torch.Tensor) -> float:
 def gradient_ratios(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """Each output filter's gradient norm relative to its weight norm, the gradient centred per filter first.
 
-    The weight norm is floored at 1e-3, as :func:`lightning_msr.functional.adaptive_clip_` floors it.
+    The centring and the norms are the library's own (:func:`lightning_msr.functional.project_mean_` and
+    :func:`~lightning_msr.functional.filter_norms`, filter-wise); the weight norm is floored at 1e-3, as
+    :func:`~lightning_msr.functional.adaptive_clip_` floors it.
 
     Example::
 
@@ -98,9 +101,9 @@ def gradient_ratios(weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         >>> gradient_ratios(w, g)  # the second gradient is all mean: nothing left once centred
         tensor([1., 0.])
     """
-    g = grad.detach().flatten(1).float()
-    g = g - g.mean(dim=1, keepdim=True)
-    return g.norm(dim=1) / weight.detach().flatten(1).float().norm(dim=1).clamp_min(1e-3)
+    centred = project_mean_(grad.detach().float().clone(), mode="filter")
+    norms = filter_norms(weight.detach(), dtype=torch.float32).flatten()
+    return filter_norms(centred).flatten() / norms.clamp_min(1e-3)
 
 
 class Trace(L.Callback):
