@@ -19,12 +19,16 @@ on real images (scikit-learn's digits upsampled to 3 x 64 x 64, standardised):
      without BN, SqueezeNet, the transformers) has no BatchNorm signal to match: its ratio is to the unchanged
      model at its default initialisation, reported, not required;
    * ``finite``: every loss finite (required where BatchNorm is finite at that rate);
+   * ``max_loss``: the largest loss of the run, at most ``LOSS_FACTOR`` (100) times BatchNorm's largest at the
+     same rate (``bn_max_loss``): a run whose losses stay finite but reach 1e3-1e10 has blown up all the same
+     (rows from before that column was recorded are judged without it);
    * ``unmoved``: conv weights that did not change (0 passes);
    * ``eval_diff``: in eval mode, the largest difference between the outputs for 8 images passed as one batch
      and one by one, relative to the outputs' scale (below 1e-3 passes: nothing depends on the batch but
      float32 rounding).
 
-Models are built one at a time and freed. Models that cannot be adopted or trained here are listed with the reason
+Every training run is seeded (``fit``'s ``seed``), so a row is reproduced by running its model again. Models are
+built one at a time and freed. Models that cannot be adopted or trained here are listed with the reason
 (e.g. above ``--max-params`` parameters, or an input size they refuse). Results are appended to ``--csv`` as they
 finish, so an interrupted sweep resumes where it stopped; ``--table`` is rewritten from the CSV at the end::
 
@@ -58,11 +62,16 @@ import lightning_msr
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("msr_replace_noise", "deep_control_msr")
 FIELDS = [
-    "model", "family", "params_m", "size", "batch", "recipe", "lr", "bn_lr", "steps", "calibration_steps",
-    "signal", "first_signal", "finite", "max_loss", "unmoved", "convs", "eval_diff", "passed", "seconds", "note",
+    "model", "family", "params_m", "size", "batch", "recipe", "lr", "bn_lr", "bn_max_loss", "steps",
+    "calibration_steps", "signal", "first_signal", "finite", "max_loss", "unmoved", "convs", "eval_diff", "passed",
+    "seconds", "note",
 ]  # fmt: skip
 # Inputs some architectures need instead of 64x64 (they refuse smaller ones).
 _SIZES = (64, 96, 128, 224)
+# A run fails whose largest loss is above this many times BatchNorm's largest at the same rate: finite, but blown up.
+# At the population's rates BatchNorm's own losses reach 10-100 at batch 1-2, and the defaults' runs stay within
+# ~20x of it; the runs that blew up with a looser clip reached 1e3-1e10.
+LOSS_FACTOR = 100.0
 
 
 def recipe_callbacks(recipe: str, msr_options: Optional[dict[str, Any]] = None) -> list[L.Callback]:
@@ -187,7 +196,11 @@ def fit(
     data: tuple,
     callbacks: Sequence[L.Callback],
     forward_only: bool = False,
+    seed: int = 0,
 ) -> Classifier:
+    """Train ``net`` for ``steps`` steps through a ``Trainer``; ``seed`` seeds the run (the noise, the loader), so
+    a row of the sweep is reproduced by the test suite's run of the same model."""
+    torch.manual_seed(seed)
     model = Classifier(net, lr, forward_only)
     x, y = data
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch, shuffle=False)
@@ -205,6 +218,21 @@ def fit(
         warnings.simplefilter("ignore")
         trainer.fit(model, loader)
     return model
+
+
+def blew_up(row: dict) -> bool:
+    """The run's largest loss is above ``LOSS_FACTOR`` times BatchNorm's at the same rate (where that was recorded)."""
+    reference = row.get("bn_max_loss") or ""
+    return bool(reference and row.get("max_loss")) and float(row["max_loss"]) > LOSS_FACTOR * float(reference)
+
+
+def passes(row: dict, normalised: bool) -> bool:
+    """The verdict on one adoption's row: the signal within 10x of BatchNorm's (a model without BatchNorm has none
+    to match, only its default initialisation's), every loss finite where BatchNorm's are and none blown up past
+    ``LOSS_FACTOR`` times BatchNorm's largest, every conv moved, and eval output independent of the batch."""
+    healthy = (0.1 <= float(row["signal"]) <= 10) or not normalised
+    finite = str(row["finite"]) == "True" or not row["bn_lr"]
+    return healthy and finite and not blew_up(row) and int(row["unmoved"]) == 0 and float(row["eval_diff"]) < 1e-3
 
 
 def _finite(losses: Sequence[float]) -> bool:
@@ -260,7 +288,7 @@ def run_model(name: str, batch_sizes: Sequence[int], args: argparse.Namespace, d
         calib = calibration_steps(batch)
         steps = max(args.steps, calib + 5)
         start = time.perf_counter()
-        bn_lr, bn_rms = None, math.nan
+        bn_lr, bn_rms, bn_max = None, math.nan, math.nan
         for lr in sorted(args.lrs, reverse=True):
             try:
                 reference = fit(copy.deepcopy(base), lr, batch, steps, data, [])
@@ -269,7 +297,7 @@ def run_model(name: str, batch_sizes: Sequence[int], args: argparse.Namespace, d
             bn_rms, losses = reference.head_rms[0], reference.losses
             del reference
             if _finite(losses):
-                bn_lr = lr
+                bn_lr, bn_max = lr, max(losses)
                 break
         if math.isnan(bn_rms):  # BatchNorm refused every batch: its signal from a larger batch (training mode)
             probe = copy.deepcopy(base).train()
@@ -283,7 +311,8 @@ def run_model(name: str, batch_sizes: Sequence[int], args: argparse.Namespace, d
                 continue
             lr = bn_lr if bn_lr is not None else min(args.lrs)
             row = dict(model=name, family=fam, params_m=f"{params:.1f}", size=size, batch=batch, recipe=recipe,
-                       lr=lr, bn_lr="" if bn_lr is None else bn_lr, steps=steps, calibration_steps=calib)  # fmt: skip
+                       lr=lr, bn_lr="" if bn_lr is None else bn_lr, steps=steps, calibration_steps=calib,
+                       bn_max_loss="" if bn_lr is None else f"{bn_max:.3g}")  # fmt: skip
             start = time.perf_counter()
             try:
                 net = copy.deepcopy(base)
@@ -305,10 +334,7 @@ def run_model(name: str, batch_sizes: Sequence[int], args: argparse.Namespace, d
                     max_loss=f"{max(model.losses):.3g}", unmoved=len(unmoved), convs=len(convs),
                     eval_diff=f"{eval_diff:.2g}",
                 )  # fmt: skip
-                # the signal is BatchNorm's to match; a model without BatchNorm has none (only its default init's)
-                healthy = (0.1 <= signal <= 10) or not normalised
-                ok = healthy and (finite or bn_lr is None) and not unmoved and eval_diff < 1e-3
-                row["passed"] = "yes" if ok else "NO"
+                row["passed"] = "yes" if passes(row, normalised) else "NO"
                 if unmoved:
                     row["note"] = f"unmoved: {unmoved[:3]}"
                 del model, net, convs, after
@@ -331,12 +357,23 @@ def _line(row: dict) -> str:
 
 def _append(path: Path, row: dict) -> None:
     new = not path.exists()
+    if not new and read_header(path) != FIELDS:  # a file from before a column was added: rewrite it with FIELDS
+        old = read_rows(path)
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows({k: r.get(k) or "" for k in FIELDS} for r in old)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             writer.writeheader()
         writer.writerow({k: row.get(k, "") for k in FIELDS})
+
+
+def read_header(path: Path) -> list[str]:
+    with path.open() as f:
+        return next(csv.reader(f), [])
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -362,7 +399,9 @@ def write_table(
         "Written by `benchmarks/zoo.py` (see its docstring for the method). Each cell is the classifier-input signal",
         "on the first batch after calibration, relative to BatchNorm's in training mode (10x either way passes; in",
         "parentheses for models without BatchNorm, where it is not required), then the largest training loss of the",
-        "run, then the checks that failed: `nan` (a loss not finite where BatchNorm's were), `moved` (a conv that",
+        "run, then the checks that failed: `nan` (a loss not finite where BatchNorm's were), `loss` (the largest",
+        f"loss above {LOSS_FACTOR:g}x BatchNorm's largest at the same rate: blown up, though finite; only where",
+        "BatchNorm's largest was recorded), `moved` (a conv that",
         "did not move), `eval` (eval output depends on the batch), or the error; ✗ marks a run that fails. `lr` is",
         "BatchNorm's largest finite learning rate of the grid {0.1, 0.03, 0.01} at that batch (`-`: BatchNorm finite",
         "at none, e.g. one value per channel at batch 1; the adoptions then ran at the smallest). At that rate",
@@ -431,6 +470,8 @@ def _cell(r: dict) -> str:
         marks.append("moved")
     if r["eval_diff"] and float(r["eval_diff"]) >= 1e-3:
         marks.append("eval")
+    if blew_up(r):
+        marks.append("loss")
     signal = float(r["signal"]) if r["signal"] else math.nan
     text = f"{signal:.2g}x · {float(r['max_loss']):.3g}" if r["max_loss"] else f"{signal:.2g}x"
     if not 0.1 <= signal <= 10:

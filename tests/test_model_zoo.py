@@ -84,6 +84,48 @@ def test_table_title_names_the_batch_sizes_its_rows_have(tmp_path):
     assert zoo.write_table(rows, tmp_path / "zoo.md").splitlines()[0].endswith("at batch 1, 2 and 8")
 
 
+def _row(**values):
+    base = dict(model="efficientnet_b4", family="efficientnet", batch="2", recipe="msr_replace_noise", bn_lr="0.1",
+                bn_max_loss="50", signal="1.5", finite="True", max_loss="30", unmoved="0", eval_diff="1e-06", note="",
+                passed="yes")  # fmt: skip
+    return dict(base, **values)
+
+
+def test_a_run_whose_finite_loss_blew_up_fails():
+    """Finite is not enough: a loss of 1e8 where BatchNorm's largest was 50 is a blown-up run (the verdict passed
+    those before), and the table marks it; a run within LOSS_FACTOR x BatchNorm's, or a row without BatchNorm's
+    largest loss on record (run before the column existed), is judged as before."""
+    assert zoo.passes(_row(max_loss="900"), normalised=True)  # 18x BatchNorm's: noisy, not blown up
+    blown = _row(max_loss="1.04e+08")
+    assert zoo.blew_up(blown) and not zoo.passes(blown, normalised=True)
+    assert "loss ✗" in zoo._cell(dict(blown, passed="NO"))
+    assert not zoo.blew_up(_row(max_loss=f"{zoo.LOSS_FACTOR * 50 * 1.01:g}", bn_max_loss="")), "no reference: no bound"
+    assert zoo.blew_up(_row(max_loss=f"{zoo.LOSS_FACTOR * 50 * 1.01:g}"))
+    # the other checks are unchanged
+    assert not zoo.passes(_row(signal="20"), normalised=True) and zoo.passes(_row(signal="20"), normalised=False)
+    assert not zoo.passes(_row(finite="False"), normalised=True) and zoo.passes(_row(finite="False", bn_lr=""), True)
+    assert not zoo.passes(_row(unmoved="2"), normalised=True) and not zoo.passes(_row(eval_diff="0.01"), True)
+
+
+def test_results_file_from_before_a_column_is_upgraded_not_lost(tmp_path):
+    """An interrupted sweep's CSV written before ``bn_max_loss`` existed keeps its rows when the sweep resumes."""
+    import csv
+
+    path = tmp_path / "zoo.csv"
+    old_fields = [f for f in zoo.FIELDS if f != "bn_max_loss"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerow(_row(model="resnet18"))
+    zoo._append(path, _row(model="resnet50", bn_max_loss="12"))
+    assert zoo.read_header(path) == zoo.FIELDS
+    rows = zoo.read_rows(path)
+    assert [(r["model"], r["bn_max_loss"], r["max_loss"]) for r in rows] == [
+        ("resnet18", "", "30"),
+        ("resnet50", "12", "30"),
+    ]
+
+
 def test_the_sample_covers_every_family():
     families = {zoo.family(name) for name in torchvision.models.list_models(module=torchvision.models)}
     assert set(SAMPLE) == families
