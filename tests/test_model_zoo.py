@@ -111,6 +111,29 @@ def test_a_run_whose_finite_loss_blew_up_fails():
     assert not zoo.passes(_row(unmoved="2"), normalised=True) and not zoo.passes(_row(eval_diff="0.01"), True)
 
 
+def test_eval_check_finds_a_batch_dependence_and_not_float32_rounding():
+    """The eval check measures whether an output depends on the rest of the batch, in float64 on a copy: a net whose
+    activations reach 1e4 differs by float32 rounding alone between batch and one-by-one passes, and that is not a
+    batch dependence (nor is the model it is given changed)."""
+    import torch
+    from torch import nn
+
+    class BatchCentred(nn.Module):  # what the check is for: eval output that depends on the other samples
+        def forward(self, x):
+            return x - x.mean(dim=0, keepdim=True)
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    big = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.Flatten(), nn.Linear(64 * 16, 10))
+    with torch.no_grad():
+        for m in big.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(30.0)  # logits in the thousands: float32 alone differs by 2e-6 of them here
+    assert zoo.eval_difference(big, x) < 1e-9
+    assert next(big.parameters()).dtype == torch.float32 and big.training
+    assert zoo.eval_difference(nn.Sequential(big, BatchCentred()), x) > 0.1
+
+
 def test_results_file_from_before_a_column_is_upgraded_not_lost(tmp_path):
     """An interrupted sweep's CSV written before ``bn_max_loss`` existed keeps its rows when the sweep resumes."""
     import csv
