@@ -109,6 +109,9 @@ def test_a_run_whose_finite_loss_blew_up_fails():
     assert not zoo.passes(_row(signal="20"), normalised=True) and zoo.passes(_row(signal="20"), normalised=False)
     assert not zoo.passes(_row(finite="False"), normalised=True) and zoo.passes(_row(finite="False", bn_lr=""), True)
     assert not zoo.passes(_row(unmoved="2"), normalised=True) and not zoo.passes(_row(eval_diff="0.01"), True)
+    # the table's marks are the verdict's failed checks
+    assert zoo.failed_checks(dict(blown, signal="20", eval_diff="0.01"), normalised=True) == ["signal", "loss", "eval"]
+    assert zoo._cell(dict(blown, signal="20", eval_diff="0.01", passed="NO")).endswith("**20x · 1.04e+08** loss eval ✗")
 
 
 def test_eval_check_finds_a_batch_dependence_and_not_float32_rounding():
@@ -175,5 +178,5 @@ def test_default_adoption_of_each_family(tmp_path, name, batch):
         # passes 100x BatchNorm's largest loss is a draw, not a property (inception_v3 with Deep Control at batch 2
         # peaked at 28 in one process and at 8e4 in one started with OMP_NUM_THREADS=1, same seed); the sweep reports
         # how often it happens
-        assert zoo.passes(dict(row, bn_max_loss=""), normalised), zoo._line(row)
+        assert set(zoo.failed_checks(row, normalised)) <= {"loss"}, zoo._line(row)
         assert int(row["steps"]) >= 30 and int(row["steps"]) > int(row["calibration_steps"])
